@@ -1,0 +1,1 @@
+"""Synthetic lesion phantoms for the demo and the tests."""

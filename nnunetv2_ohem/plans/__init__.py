@@ -1,0 +1,1 @@
+"""Write real nnU-Net plans files: tiny plans for tests/demo, and the seed papers' configurations."""
