@@ -135,3 +135,28 @@ def test_experts_are_perturbed_copies_of_consensus():
 def test_bad_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MSSEG2PhantomConfig(**kwargs)
+
+
+def test_held_out_split_is_accepted_by_the_msseg2_converter(tmp_path):
+    from nnunetv2_ohem.dataset_conversion.msseg2 import convert_msseg2
+
+    cfg = MSSEG2PhantomConfig(voxel_size=3.0, lesion_free_fraction=0.3, n_experts=4)
+    src = write_msseg2_phantoms(str(tmp_path / "src"), n_subjects=3, seed=5, config=cfg, n_test=2, first_id=20)
+    assert sorted(os.listdir(os.path.join(src, "testing"))) == ["023", "024"]
+    # each split gets at least one lesion-free subject
+    for split in ("training", "testing"):
+        sums = [_load(os.path.join(src, split, s, "ground_truth.nii.gz")).sum()
+                for s in os.listdir(os.path.join(src, split))]
+        assert min(sums) == 0 and max(sums) > 0
+    before = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs}
+    folder = convert_msseg2(src, 941, name="PhantomCheck", raw_dir=str(tmp_path / "raw"))
+    assert sorted(os.listdir(os.path.join(folder, "labelsTr"))) == [f"MSSEG2_{i}.nii.gz" for i in ("020", "021", "022")]
+    assert sorted(os.listdir(os.path.join(folder, "labelsTs"))) == ["MSSEG2_023.nii.gz", "MSSEG2_024.nii.gz"]
+    assert len(os.listdir(os.path.join(folder, "imagesTs"))) == 4
+    for sid, split, sub in (("021", "Tr", "training"), ("024", "Ts", "testing")):
+        converted = _load(os.path.join(folder, f"labels{split}", f"MSSEG2_{sid}.nii.gz"))
+        assert np.array_equal(converted, _load(os.path.join(src, sub, sid, "ground_truth.nii.gz")))
+        t2 = _load(os.path.join(folder, f"images{split}", f"MSSEG2_{sid}_0001.nii.gz"))
+        assert np.allclose(t2, _load(os.path.join(src, sub, sid, "flair_time02_on_middle_space.nii.gz")))
+    after = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs}
+    assert before == after

@@ -308,10 +308,15 @@ def make_msseg2_subject(seed: int, index: int, config: MSSEG2PhantomConfig = MSS
                           (old_instance > 0).astype(np.uint8), affine, new)
 
 
-def lesion_free_indices(n_subjects: int, seed: int, fraction: float) -> List[int]:
-    """Exactly ``round(n_subjects * fraction)`` subject indices, drawn by ``seed``, that get no new lesion."""
+def lesion_free_indices(n_subjects: int, seed: int, fraction: float, split: int = 0) -> List[int]:
+    """``round(n_subjects * fraction)`` subject indices (at least one when ``fraction > 0`` and there are two or
+    more subjects, so every split shows the false-positive case), drawn by ``(seed, split)``, that get no new
+    lesion."""
     n_free = int(round(n_subjects * fraction))
-    return sorted(int(i) for i in np.random.default_rng([int(seed), 1_000_003]).permutation(n_subjects)[:n_free])
+    if fraction > 0 and n_subjects >= 2:
+        n_free = max(1, n_free)
+    order = np.random.default_rng([int(seed), 1_000_003, int(split)]).permutation(n_subjects)
+    return sorted(int(i) for i in order[:n_free])
 
 
 def _save(arr: np.ndarray, affine: np.ndarray, path: str) -> None:
@@ -323,8 +328,11 @@ def _save(arr: np.ndarray, affine: np.ndarray, path: str) -> None:
 
 def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
                           config: MSSEG2PhantomConfig = MSSEG2PhantomConfig(), first_id: int = 1,
-                          overwrite: bool = False, progress: bool = False) -> str:
+                          overwrite: bool = False, progress: bool = False, n_test: int = 0) -> str:
     """Write ``out_dir/training/<3-digit id>/`` MSSEG-II subjects plus ``out_dir/phantom_manifest.json``.
+
+    ``n_test`` more subjects (ids following the training ones) go to ``out_dir/testing/<id>/`` as held-out
+    cases with their ground truth; the lesion-free share is applied to each split separately.
 
     Files per subject: ``flair_time01_on_middle_space.nii.gz``, ``flair_time02_on_middle_space.nii.gz``,
     ``ground_truth.nii.gz`` and ``ground_truth_expert{1..n_experts}.nii.gz``. The tree is built in a
@@ -332,8 +340,11 @@ def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
-    if first_id < 0 or first_id + n_subjects - 1 > 999:
-        raise ValueError(f"subject ids {first_id}..{first_id + n_subjects - 1} do not fit in 3 digits")
+    if n_test < 0:
+        raise ValueError(f"n_test must be >= 0, got {n_test}")
+    last = first_id + n_subjects + n_test - 1
+    if first_id < 0 or last > 999:
+        raise ValueError(f"subject ids {first_id}..{last} do not fit in 3 digits")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         if not overwrite:
@@ -343,24 +354,26 @@ def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     tmp = tempfile.mkdtemp(prefix=".phantoms_tmp_", dir=parent)
     try:
         free = set(lesion_free_indices(n_subjects, seed, config.lesion_free_fraction))
+        free |= {n_subjects + j for j in lesion_free_indices(n_test, seed, config.lesion_free_fraction, split=1)}
         manifest = {"generator": "nnunetv2_ohem.phantoms.mni.write_msseg2_phantoms", "seed": seed,
                     "config": asdict(config), "subjects": {}}
-        iterator = range(n_subjects)
+        iterator = range(n_subjects + n_test)
         if progress:
             from tqdm import tqdm
             iterator = tqdm(iterator, desc="phantoms", unit="subject")
         for i in iterator:
             sid = f"{first_id + i:03d}"
             sub = make_msseg2_subject(seed, i, config, lesion_free=i in free)
-            folder = os.path.join(tmp, "training", sid)
+            split = "training" if i < n_subjects else "testing"
+            folder = os.path.join(tmp, split, sid)
             os.makedirs(folder)
             _save(sub.flair_time01, sub.affine, os.path.join(folder, "flair_time01_on_middle_space.nii.gz"))
             _save(sub.flair_time02, sub.affine, os.path.join(folder, "flair_time02_on_middle_space.nii.gz"))
             _save(sub.ground_truth, sub.affine, os.path.join(folder, "ground_truth.nii.gz"))
             for k, expert in enumerate(sub.experts, start=1):
                 _save(expert, sub.affine, os.path.join(folder, f"ground_truth_expert{k}.nii.gz"))
-            manifest["subjects"][sid] = {"index": i, "lesion_free": i in free, "shape": list(sub.ground_truth.shape),
-                                         "new_lesions": sub.lesions}
+            manifest["subjects"][sid] = {"index": i, "split": split, "lesion_free": i in free,
+                                         "shape": list(sub.ground_truth.shape), "new_lesions": sub.lesions}
         with open(os.path.join(tmp, "phantom_manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.exists(out_dir):
