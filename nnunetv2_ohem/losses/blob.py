@@ -1,0 +1,173 @@
+"""Blob loss (Kofler et al., "blob loss: instance imbalance aware loss functions for semantic segmentation",
+arXiv 2205.08209), vectorised: all blob terms come from per-instance sums in one pass, O(voxels), independent of
+the number of blobs K.
+
+Definition (the paper's, as in its public reference code)::
+
+    L = alpha * L_global + beta * L_blob
+    L_blob = mean over (image b, class c) that contain blobs of  (1/K_bc) * sum_k L_k
+    L_k    = w_bce * BCE(p * m_k, y_k) + w_dice * (-Dice(p * m_k, y_k))
+
+``p`` is the foreground probability of class ``c`` (softmax channel ``c`` or sigmoid of region ``c``), ``y_k`` the
+binary mask of blob ``k`` and ``m_k`` the mask that is 0 on every *other* blob of the same class and 1 elsewhere
+(background of that class, voxels of other classes, blob ``k`` itself). Masking is applied to probabilities, not to
+raw logits: a masked voxel has probability 0 and label 0, so it adds nothing to the loss and gets no gradient.
+With nnU-Net's sign convention the Dice term is ``-Dice`` (``1 - Dice`` differs by a constant, same gradient).
+
+Closed forms (per image, per class; ``B`` = voxels of that image not in any blob of the class, ``N`` = voxels)::
+
+    Dice_k = (2 tp_k + s) / (tp_k + fp + |k| + s),  tp_k = sum_{v in k} p,  fp = sum_{v in B} p
+    BCE_k  = (sum_{v in B} -log(1 - p) + sum_{v in k} -log p) / N
+
+so every blob needs only ``sum p``, ``sum -log p`` and its size over its own voxels, plus two background sums per
+(image, class): one ``index_add`` over an instance map whose ids are made unique per (image, class).
+
+For two-class softmax outputs the BCE of the foreground probability equals nnU-Net's cross-entropy, so "DC+CE as
+the blob term" is exact there; with more classes each class is scored one-vs-rest (its blobs against everything
+that is not that class), which is how the paper applies blob loss per label channel.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["blob_terms", "blob_loss", "BlobLoss", "split_packed_target"]
+
+
+def _check_shapes(logits: torch.Tensor, instances: torch.Tensor, activation: str) -> int:
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    if logits.ndim not in (4, 5):
+        raise ValueError(f"logits must be (B, C, X, Y) or (B, C, X, Y, Z), got shape {tuple(logits.shape)}")
+    n_fg = logits.shape[1] - 1 if activation == "softmax" else logits.shape[1]
+    expected = (logits.shape[0], n_fg, *logits.shape[2:])
+    if tuple(instances.shape) != expected:
+        raise ValueError(f"instances must have shape {expected} (one instance channel per foreground "
+                         f"{'class' if activation == 'softmax' else 'region'}), got {tuple(instances.shape)}")
+    if instances.dtype.is_floating_point and not torch.equal(instances, instances.round()):
+        raise ValueError("instances must hold integer ids (0 = no blob), got non-integer values")
+    return n_fg
+
+
+def _foreground_log_probs(logits: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log p and log(1 - p) of each foreground channel, in fp32, computed stably from logits."""
+    # at least fp32 (fp16/bf16 logits are promoted); fp64 stays fp64 so tests can compare exactly
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if activation == "sigmoid":
+        return nn.functional.logsigmoid(x), nn.functional.logsigmoid(-x)
+    logp = torch.log_softmax(x, 1)
+    n = x.shape[1]
+    if n == 2:
+        # log(1 - p_1) = log p_0 exactly: no cancellation
+        return logp[:, 1:], logp[:, :1]
+    # log(1 - p_c) = logsumexp over the other classes' log p; a loop over classes (not blobs)
+    log1m = [torch.logsumexp(torch.cat([logp[:, :c], logp[:, c + 1:]], 1), 1, keepdim=True) for c in range(1, n)]
+    return logp[:, 1:], torch.cat(log1m, 1)
+
+
+def blob_terms(logits: torch.Tensor, instances: torch.Tensor, activation: str = "softmax",
+               smooth: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dice and BCE of every blob, each blob scored with all other blobs of its class masked out.
+
+    Args:
+        logits: (B, C, *spatial) raw network output (fp16/bf16 are computed in fp32).
+        instances: (B, F, *spatial) integer instance ids, 0 = no blob; F = C - 1 for softmax (channel f is class
+            f + 1), F = C for sigmoid/regions. Ids need not be consecutive (deep-supervision downsampling can drop
+            blobs); ids with no voxel are ignored.
+        activation: "softmax" (nnU-Net labels) or "sigmoid" (nnU-Net regions).
+        smooth: Dice smoothing, nnU-Net's 1e-5 by default.
+
+    Returns:
+        ``(dice, bce, group)``: one entry per blob present; ``group`` is the flat (image, channel) index
+        ``b * F + f`` each blob belongs to. ``Dice_k = (2tp+s)/(tp+fp+|k|+s)``,
+        ``BCE_k = (sum_B -log(1-p) + sum_k -log p) / N`` (module docstring).
+    """
+    n_fg = _check_shapes(logits, instances, activation)
+    device = logits.device
+    # fp32 sums whatever autocast is active: fp16 sums over 10^6 voxels overflow / lose the small blobs
+    with torch.autocast(device_type=device.type, enabled=False):
+        log_p, log_1mp = _foreground_log_probs(logits, activation)
+        p = log_p.exp()
+        inst = instances.long()
+        b, f = inst.shape[:2]
+        n_vox = inst[0, 0].numel()
+        flat_inst = inst.reshape(b * f, n_vox)
+        # unique ids per (image, channel): segment g owns ids offset[g] .. offset[g] + max_id[g]; id 0 of a
+        # segment collects its background sums
+        seg_len = flat_inst.amax(1) + 1
+        offsets = torch.cumsum(seg_len, 0) - seg_len
+        total = int(seg_len.sum().item())
+        gid = (flat_inst + offsets[:, None]).reshape(-1)
+        in_blob = flat_inst.reshape(-1) > 0
+        nll = torch.where(in_blob, -log_p.reshape(-1), -log_1mp.reshape(-1))
+        vals = torch.stack([p.reshape(-1), nll], 1)
+        sums = vals.new_zeros(total, 2).index_add(0, gid, vals)
+        counts = torch.bincount(gid, minlength=total)
+        group_of_id = torch.repeat_interleave(torch.arange(b * f, device=device), seg_len)
+        is_bg = torch.zeros(total, dtype=torch.bool, device=device)
+        is_bg[offsets] = True
+        keep = (~is_bg) & (counts > 0)
+        group = group_of_id[keep]
+        tp = sums[keep, 0]
+        size = counts[keep].to(tp.dtype)
+        fp = sums[offsets, 0][group]
+        bg_nll = sums[offsets, 1][group]
+        dice = (2 * tp + smooth) / torch.clamp(tp + fp + size + smooth, min=1e-8)
+        bce = (bg_nll + sums[keep, 1]) / n_vox
+    return dice, bce, group
+
+
+def blob_loss(logits: torch.Tensor, instances: torch.Tensor, activation: str = "softmax",
+              weight_dice: float = 1.0, weight_bce: float = 1.0, smooth: float = 1e-5) -> torch.Tensor:
+    """``L_blob``: mean over (image, class) pairs with blobs of the mean over their blobs of
+    ``w_bce * BCE_k - w_dice * Dice_k`` (Kofler et al. 2022; per-image averaging as in their reference code).
+
+    Pairs without blobs are skipped; with no blob at all the result is an fp32 zero (not NaN).
+    """
+    dice, bce, group = blob_terms(logits, instances, activation, smooth)
+    n_groups = instances.shape[0] * instances.shape[1]
+    if group.numel() == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    per_blob = weight_bce * bce - weight_dice * dice
+    sums = per_blob.new_zeros(n_groups).index_add(0, group, per_blob)
+    counts = torch.bincount(group, minlength=n_groups)
+    has = counts > 0
+    return (sums[has] / counts[has]).mean()
+
+
+def split_packed_target(target: torch.Tensor, num_instance_channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split a target whose last ``num_instance_channels`` channels are instance maps (see
+    :class:`nnunetv2_ohem.transforms.instances.InstanceMapTransform`) into (segmentation, instances)."""
+    if target.shape[1] <= num_instance_channels:
+        raise ValueError(f"target has {target.shape[1]} channels; expected segmentation channels followed by "
+                         f"{num_instance_channels} instance channels")
+    return target[:, :-num_instance_channels], target[:, -num_instance_channels:]
+
+
+class BlobLoss(nn.Module):
+    """``alpha * global_loss(output, seg) + beta * blob_loss(output, instances)`` for one resolution.
+
+    The target is nnU-Net's target with the instance channels appended (``split_packed_target``), so nnU-Net's
+    own ``DeepSupervisionWrapper`` and ``train_step`` work unchanged and instance maps are downsampled by the
+    very transform that downsamples the segmentation. ``alpha = 1, beta = 0`` gives exactly ``global_loss``.
+    """
+
+    def __init__(self, global_loss: nn.Module, num_instance_channels: int, activation: str = "softmax",
+                 alpha: float = 2.0, beta: float = 1.0, weight_dice: float = 1.0, weight_bce: float = 1.0,
+                 smooth: float = 1e-5):
+        super().__init__()
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        self.global_loss = global_loss
+        self.num_instance_channels = int(num_instance_channels)
+        self.activation = activation
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.weight_dice, self.weight_bce, self.smooth = float(weight_dice), float(weight_bce), float(smooth)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seg, inst = split_packed_target(target, self.num_instance_channels)
+        result = self.alpha * self.global_loss(output, seg) if self.alpha != 0 else 0.0
+        if self.beta != 0:
+            result = result + self.beta * blob_loss(output, inst, self.activation, self.weight_dice,
+                                                    self.weight_bce, self.smooth)
+        return result
