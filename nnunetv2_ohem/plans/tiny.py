@@ -52,6 +52,13 @@ class TinyPlanner(ExperimentPlanner):
         # a tiny patch needs no lowres cascade
         self.lowres_creation_threshold = 0.0
 
+    @staticmethod
+    def static_estimate_VRAM_usage(*args, **kwargs) -> float:
+        """Skip nnU-Net's VRAM estimate: it instantiates the default network (slow on CPU, and it calls
+        ``torch.set_num_threads(nnUNet_n_proc_DA)`` which fails for 0) only to size a patch and batch
+        that :func:`shrink_configuration` replaces anyway."""
+        return 1.0
+
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
         plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
