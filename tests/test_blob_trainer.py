@@ -20,6 +20,7 @@ from nnunetv2_ohem.losses.blob import blob_loss
 def make_trainer(ds, cls_name, configuration="3d_fullres"):
     from nnunetv2_ohem.training import blob
     plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
+    plans["continue_training"] = False  # nnU-Net's run_training adds this key before creating a trainer
     dataset_json = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
     return getattr(blob, cls_name)(plans, configuration, 0, dataset_json, torch.device("cpu"))
 
