@@ -221,11 +221,35 @@ def test_special_cases_in_outputs(converted):
     assert "patient001_4d.nii.gz" in summary and "patient001_frame05.nii.gz" in summary
 
 
-@pytest.mark.parametrize("key", ["msseg2", "brats2020", "acdc"])
-def test_nnunet_verify_dataset_integrity_accepts_output(converted, key):
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+class _SerialPool:
+    """Stands in for the spawn pool of ``verify_dataset_integrity``: same checks, run in this process (a
+    spawned worker importing torch costs ~10 s on the 2-core CI machine)."""
 
-    verify_dataset_integrity(converted[key][1], num_processes=1)
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def starmap(self, func, iterable):
+        return [func(*args) for args in iterable]
+
+
+@pytest.mark.parametrize("key", list(EXPECTED))
+def test_nnunet_verify_dataset_integrity_accepts_output(converted, key, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import nnunetv2.experiment_planning.verify_dataset_integrity as vdi
+
+    monkeypatch.setattr(vdi, "multiprocessing", SimpleNamespace(get_context=lambda *_: SimpleNamespace(
+        Pool=_SerialPool)))
+    vdi.verify_dataset_integrity(converted[key][1], num_processes=1)
+    out = capsys.readouterr().out
+    assert "verify_dataset_integrity Done" in out
+    assert "Warning" not in out and "Error" not in out     # origin/direction warnings would show here
 
 
 def test_msseg2_expert_label(tmp_path):
@@ -400,6 +424,8 @@ BAD_INPUTS = {
                           "channel grid differs.*direction"),
     "label shape": (lambda s: _rewrite(_gt(s), np.zeros((7, 8, 8), np.float32)), "label grid differs.*shape"),
     "NaN in image": (lambda s: _nan(s, np.nan), "NaN or Inf"),
+    "NaN in .nii.gz image": (lambda s: _rewrite(os.path.join(s, "training", "015", "flair_time01_on_middle_space.nii.gz"),
+                                                np.full(SHAPE, np.nan, np.float32)), "NaN or Inf"),
     "Inf in image": (lambda s: _nan(s, np.inf), "NaN or Inf"),
     "non-integer label": (lambda s: _with_value(s, 0.5), "non-integer values"),
     "negative label": (lambda s: _with_value(s, -1), "negative values"),
@@ -503,7 +529,7 @@ def test_parallel_conversion_equals_serial(converted, tmp_path):
             np.testing.assert_array_equal(read(os.path.join(parallel, f)), read(os.path.join(folder, f)))
 
 
-def test_cli_subprocess_msseg2_then_verify(tmp_path, cli):
+def test_cli_subprocess_msseg2_and_exit_code(tmp_path, cli):
     src = str(tmp_path / "src")
     make_msseg2(src)
     raw = str(tmp_path / "raw")
