@@ -1,4 +1,4 @@
-"""``nnunetv2_ohem_convert``: challenge datasets → nnU-Net raw datasets, and BraTS predictions back.
+"""nnunetv2_ohem_convert: challenge datasets → nnU-Net raw datasets, and BraTS predictions back.
 
     nnunetv2_ohem_convert {msseg2,valdo,brats,acdc} SOURCE_DIR -d ID [-n NAME] [-o RAW_DIR] [--overwrite] [-np N]
     nnunetv2_ohem_convert brats-back PRED_DIR OUT_DIR --year {2020,2021,2023}
