@@ -26,6 +26,9 @@ def nnunet_env(tmp_path_factory):
         "nnUNet_results": str(root / "results"),
         "nnUNet_n_proc_DA": "0",
         "nnUNet_compile": "f",
+        # nnU-Net's final validation exports through a spawn Pool of 8 workers by default; on 2 cores
+        # starting 8 interpreters that each import torch costs more than the whole tiny training.
+        "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "MPLBACKEND": "Agg",
     }
