@@ -67,3 +67,21 @@ def test_unknown_trainer_still_fails_clearly():
     out = _python(FIND, "nnUNetTrainerDoesNotExist", env=_env_without_ext())
     assert out.returncode != 0
     assert "Could not find requested nnunet trainer nnUNetTrainerDoesNotExist" in out.stderr
+
+
+def test_broken_trainer_module_is_reported_not_fatal(tmp_path):
+    """A trainer module that cannot import (missing optional dependency) warns by name; the others
+    stay discoverable."""
+    import nnunetv2_ohem.training as training
+
+    broken = os.path.join(os.path.dirname(training.__file__), "zz_broken_for_test.py")
+    with open(broken, "w") as f:
+        f.write("import a_module_that_does_not_exist_xyz\n")
+    try:
+        out = _python(FIND, "nnUNetTrainer_Debug", env=_env_without_ext())
+    finally:
+        os.remove(broken)
+    assert out.returncode == 0, out.stderr
+    assert "FOUND nnunetv2_ohem.training.debug nnUNetTrainer_Debug" in out.stdout
+    assert "nnunetv2_ohem.training.zz_broken_for_test are unavailable" in out.stderr
+    assert "a_module_that_does_not_exist_xyz" in out.stderr
