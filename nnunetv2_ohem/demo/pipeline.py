@@ -1,0 +1,392 @@
+"""The demo pipeline: phantoms -> MSSEG-II conversion -> plans -> stock nnU-Net training per method ->
+stock nnU-Net prediction on held-out phantoms -> MSSEG-II metrics -> HTML report.
+
+Everything lives under one output folder. Each step writes ``steps/<step>.json`` (its settings and run time)
+when it finishes; a rerun reuses a finished step whose settings are unchanged and whose upstream steps were
+reused too, so an interrupted demo resumes where it stopped. ``runs.jsonl`` records per run which steps ran
+and which were reused. nnU-Net runs as the user would run it (``nnUNetv2_train`` / ``nnUNetv2_predict``
+subprocesses) with ``nnUNet_raw/preprocessed/results`` pointed into the output folder, so a user's own
+nnU-Net folders are never touched.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+KNOWN_METHODS = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling",
+                 "nnUNetTrainerOHEM")
+STAMP = ".nnunetv2_ohem_demo"
+OUTPUT_ENTRIES = ("phantoms", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "metrics",
+                  "report", "steps", "logs", "runs.jsonl")
+STEP_ORDER = ("phantoms", "convert", "plan", "train", "predict", "evaluate", "report")
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message names the step and its log file."""
+
+
+@dataclass
+class DemoConfig:
+    """Settings of one demo run (the defaults are what ``make demo`` runs)."""
+
+    out: str = "./demo_output"
+    n_train: int = 10
+    n_test: int = 4
+    voxel_size: float = 2.0
+    seed: int = 0
+    dataset_id: int = 942
+    methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer")
+    epochs: int = 20
+    iterations: int = 10
+    val_iterations: int = 2
+    features: Tuple[int, ...] = (8, 16, 32)
+    patch: int = 32
+    batch: int = 2
+    device: str = "auto"
+    fresh: bool = False
+    until: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        self.features = tuple(self.features)
+        unknown = [m for m in self.methods if m not in KNOWN_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {list(KNOWN_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods listed twice: {list(self.methods)}")
+        for name in ("n_train", "n_test", "epochs", "iterations", "val_iterations", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_train < 2:
+            raise ValueError("n_train must be >= 2 (nnU-Net keeps one case for validation)")
+        if self.until is not None and self.until not in STEP_ORDER:
+            raise ValueError(f"until must be one of {STEP_ORDER}, got {self.until!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+    @property
+    def dataset_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_MSSEG2Phantom"
+
+    @property
+    def plans_identifier(self) -> str:
+        return "nnUNetDemoPlans"
+
+
+def trainer_for(method: str) -> str:
+    """Demo-length trainer class that ``method`` runs as (see :mod:`nnunetv2_ohem.training.demo`)."""
+    return f"{method}_Demo"
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Paths:
+    def __init__(self, out: str, cfg: DemoConfig):
+        self.out = os.path.abspath(out)
+        j = lambda *p: os.path.join(self.out, *p)  # noqa: E731
+        self.phantoms = j("phantoms", "MSSEG2")
+        self.raw = j("nnUNet_raw")
+        self.preprocessed = j("nnUNet_preprocessed")
+        self.results = j("nnUNet_results")
+        self.dataset_raw = j("nnUNet_raw", cfg.dataset_name)
+        self.test_images = j("nnUNet_raw", cfg.dataset_name, "imagesTs")
+        self.test_labels = j("nnUNet_raw", cfg.dataset_name, "labelsTs")
+        self.predictions = j("predictions")
+        self.metrics = j("metrics")
+        self.report = j("report")
+        self.steps = j("steps")
+        self.logs = j("logs")
+        self.runs = j("runs.jsonl")
+
+    def training_output(self, cfg: DemoConfig, method: str) -> str:
+        return os.path.join(self.results, cfg.dataset_name,
+                            f"{trainer_for(method)}__{cfg.plans_identifier}__3d_fullres", "fold_0")
+
+
+def prepare_output(cfg: DemoConfig) -> Paths:
+    """Create (or, with ``fresh``, empty) the output folder. A non-empty folder that is not a demo output is
+    refused, so ``--out`` pointing at a user's data never gets written into or deleted."""
+    out = os.path.abspath(cfg.out)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, STAMP)):
+        raise DemoError(f"{out}: exists, is not empty and is not a demo output folder (no {STAMP}); "
+                        f"choose another --out")
+    if cfg.fresh and os.path.isdir(out):
+        for entry in OUTPUT_ENTRIES:
+            p = os.path.join(out, entry)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, STAMP), "w") as f:
+        f.write("output folder of nnunetv2_ohem_demo; --fresh deletes its contents\n")
+    paths = Paths(out, cfg)
+    for d in (paths.steps, paths.logs):
+        os.makedirs(d, exist_ok=True)
+    return paths
+
+
+def nnunet_env(paths: Paths, device: str) -> Dict[str, str]:
+    """Environment for nnU-Net subprocesses: our three folders; no torch.compile and in-process
+    augmentation on CPU (compile start-up and worker processes cost more than they save on small data)."""
+    env = dict(os.environ)
+    env.update({"nnUNet_raw": paths.raw, "nnUNet_preprocessed": paths.preprocessed,
+                "nnUNet_results": paths.results, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"})
+    if device == "cpu":
+        env.setdefault("nnUNet_compile", "f")
+        env.setdefault("nnUNet_n_proc_DA", "0")
+        env.setdefault("nnUNet_def_n_proc", "1")
+    return env
+
+
+def console_script(name: str) -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    return exe if os.path.exists(exe) else name
+
+
+def run_logged(cmd: List[str], env: Dict[str, str], log_path: str, step: str,
+               on_line: Optional[Callable[[str], None]] = None) -> None:
+    """Run ``cmd``, write its output to ``log_path`` and call ``on_line`` per line (progress bars)."""
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL, bufsize=1)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if on_line is not None:
+                    on_line(line)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted (Ctrl-C): do not leave nnU-Net running in the background
+                proc.terminate()
+                proc.wait()
+    if code != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-15:])
+        raise DemoError(f"step '{step}' failed (exit code {code}); full log: {log_path}\n{tail}")
+
+
+def write_single_split(labels_tr: str, path: str, val_fraction: float = 0.2) -> Dict[str, List[str]]:
+    """nnU-Net ``splits_final.json`` with one fold: the last ``max(1, round(val_fraction * n))`` cases (sorted)
+    validate, the others train. Held-out evaluation uses the test phantoms, so one small validation set for
+    nnU-Net's per-epoch pseudo Dice is enough, and it works with fewer than 5 training cases."""
+    cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(labels_tr) if f.endswith(".nii.gz"))
+    if len(cases) < 2:
+        raise DemoError(f"{labels_tr}: need at least 2 training cases for a train/validation split, found "
+                        f"{len(cases)}")
+    n_val = max(1, int(round(val_fraction * len(cases))))
+    split = {"train": cases[:-n_val], "val": cases[-n_val:]}
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        json.dump([split], f, indent=1)
+    os.replace(tmp, path)
+    return split
+
+
+_EPOCH_RE = re.compile(r"^.*Epoch (\d+)\s*$")
+
+
+class StepRunner:
+    """Runs or reuses steps and records what happened."""
+
+    def __init__(self, paths: Paths, progress: bool):
+        self.paths = paths
+        self.progress = progress
+        self.record: Dict[str, Dict] = {}
+        self.ran: set = set()
+
+    def _marker(self, name: str) -> str:
+        return os.path.join(self.paths.steps, name.replace("/", "__") + ".json")
+
+    def run(self, name: str, settings: Dict, upstream: Sequence[str], fn: Callable[[], None]) -> bool:
+        """Run ``fn`` unless a finished marker with equal ``settings`` exists and no upstream step ran in this
+        run. Returns True when it ran."""
+        marker = self._marker(name)
+        settings = json.loads(json.dumps(settings))
+        if os.path.exists(marker) and not (set(upstream) & self.ran):
+            with open(marker) as f:
+                done = json.load(f)
+            if done.get("settings") == settings:
+                self.record[name] = {"status": "reused", "seconds": 0.0}
+                tqdm.write(f"[demo] {name}: reused (finished {done.get('finished')})") if self.progress else None
+                return False
+        if os.path.exists(marker):
+            os.remove(marker)
+        tqdm.write(f"[demo] {name}: running") if self.progress else None
+        start = time.time()
+        fn()
+        seconds = time.time() - start
+        tmp = marker + ".part"
+        with open(tmp, "w") as f:
+            json.dump({"settings": settings, "seconds": seconds,
+                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+        os.replace(tmp, marker)
+        self.ran.add(name)
+        self.record[name] = {"status": "ran", "seconds": seconds}
+        return True
+
+
+def step_seconds(paths: Paths, name: str) -> Optional[float]:
+    """Run time recorded in a finished step's marker (None if the step has not finished)."""
+    marker = os.path.join(paths.steps, name.replace("/", "__") + ".json")
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        return float(json.load(f)["seconds"])
+
+
+def _phantom_config(cfg: DemoConfig):
+    from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig
+    return MSSEG2PhantomConfig(voxel_size=cfg.voxel_size)
+
+
+def run_demo(cfg: DemoConfig) -> Dict:
+    """Run (or resume) the whole demo; returns ``{"out", "report", "steps", "seconds"}``."""
+    t0 = time.time()
+    paths = prepare_output(cfg)
+    device = resolve_device(cfg.device)
+    env = nnunet_env(paths, device)
+    # nnunetv2 reads its folders at import time: set them before anything below imports it
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    runner = StepRunner(paths, cfg.progress)
+    stop = STEP_ORDER.index(cfg.until) if cfg.until else len(STEP_ORDER) - 1
+    n_total = 3 + 3 * len(cfg.methods) + 1
+    bar = tqdm(total=n_total, desc="demo", unit="step", disable=not cfg.progress, position=0)
+
+    def step(name, settings, upstream, fn):
+        runner.run(name, settings, upstream, fn)
+        bar.update(1)
+
+    def finish():
+        bar.close()
+        seconds = time.time() - t0
+        entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "seconds": seconds,
+                 "config": asdict(cfg), "device": device, "steps": runner.record}
+        with open(paths.runs, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return {"out": paths.out, "report": os.path.join(paths.report, "report.html"), "steps": runner.record,
+                "seconds": seconds}
+
+    phantom_settings = {"n_train": cfg.n_train, "n_test": cfg.n_test, "seed": cfg.seed,
+                        "config": asdict(_phantom_config(cfg))}
+
+    def make_phantoms():
+        from nnunetv2_ohem.phantoms.mni import write_msseg2_phantoms
+        write_msseg2_phantoms(paths.phantoms, n_subjects=cfg.n_train, seed=cfg.seed, config=_phantom_config(cfg),
+                              overwrite=True, progress=cfg.progress, n_test=cfg.n_test)
+
+    step("phantoms", phantom_settings, [], make_phantoms)
+    if stop == 0:
+        return finish()
+
+    def convert():
+        from nnunetv2_ohem.dataset_conversion.msseg2 import convert_msseg2
+        convert_msseg2(paths.phantoms, cfg.dataset_id, name="MSSEG2Phantom", raw_dir=paths.raw, overwrite=True,
+                       num_processes=2)
+
+    step("convert", {"dataset_id": cfg.dataset_id}, ["phantoms"], convert)
+    if stop == 1:
+        return finish()
+
+    def plan():
+        shutil.rmtree(os.path.join(paths.preprocessed, cfg.dataset_name), ignore_errors=True)
+        cmd = [console_script("nnunetv2_ohem_plan"), "tiny", "-d", str(cfg.dataset_id), "-c", "3d_fullres",
+               "-pl", cfg.plans_identifier, "--features", *map(str, cfg.features), "--patch", str(cfg.patch),
+               "--batch", str(cfg.batch), "-np", "2"]
+        run_logged(cmd, env, os.path.join(paths.logs, "plan.log"), "plan")
+        write_single_split(os.path.join(paths.dataset_raw, "labelsTr"),
+                           os.path.join(paths.preprocessed, cfg.dataset_name, "splits_final.json"))
+
+    step("plan", {"features": list(cfg.features), "patch": cfg.patch, "batch": cfg.batch}, ["convert"], plan)
+    if stop == 2:
+        return finish()
+
+    train_env = dict(env)
+    from nnunetv2_ohem.training import demo as _names  # noqa: F401  (fails early if a trainer is missing)
+    train_env.update({_names.ENV_EPOCHS: str(cfg.epochs), _names.ENV_ITERATIONS: str(cfg.iterations),
+                      _names.ENV_VAL_ITERATIONS: str(cfg.val_iterations)})
+    schedule = {"epochs": cfg.epochs, "iterations": cfg.iterations, "val_iterations": cfg.val_iterations,
+                "device": device}
+    for method in cfg.methods:
+        def train(method=method):
+            shutil.rmtree(os.path.dirname(paths.training_output(cfg, method)), ignore_errors=True)
+            epoch_bar = tqdm(total=cfg.epochs, desc=f"train {method}", unit="epoch", leave=False,
+                             disable=not cfg.progress, position=1)
+
+            def on_line(line):
+                m = _EPOCH_RE.match(line.strip())
+                if m:
+                    epoch_bar.n = int(m.group(1))
+                    epoch_bar.refresh()
+            cmd = [console_script("nnUNetv2_train"), str(cfg.dataset_id), "3d_fullres", "0", "-tr", trainer_for(method),
+                   "-p", cfg.plans_identifier, "-device", device]
+            try:
+                run_logged(cmd, train_env, os.path.join(paths.logs, f"train_{method}.log"), f"train/{method}",
+                           on_line)
+            finally:
+                epoch_bar.close()
+        step(f"train/{method}", schedule, ["plan"], train)
+    if stop == 3:
+        return finish()
+
+    for method in cfg.methods:
+        def predict(method=method):
+            out_dir = os.path.join(paths.predictions, method)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            cmd = [console_script("nnUNetv2_predict"), "-i", paths.test_images, "-o", out_dir, "-d",
+                   str(cfg.dataset_id), "-c", "3d_fullres", "-f", "0", "-tr", trainer_for(method), "-p",
+                   cfg.plans_identifier, "-chk", "checkpoint_final.pth", "--disable_tta", "-device", device,
+                   "-npp", "1", "-nps", "1"]
+            run_logged(cmd, env, os.path.join(paths.logs, f"predict_{method}.log"), f"predict/{method}")
+        step(f"predict/{method}", {"device": device}, [f"train/{method}"], predict)
+    if stop == 4:
+        return finish()
+
+    for method in cfg.methods:
+        def evaluate(method=method):
+            from nnunetv2_ohem.evaluation.api import evaluate_folders
+            df, agg = evaluate_folders("msseg2", paths.test_labels, os.path.join(paths.predictions, method))
+            os.makedirs(paths.metrics, exist_ok=True)
+            agg = dict(agg, method=method, trainer=trainer_for(method),
+                       train_seconds=step_seconds(paths, f"train/{method}"))
+            _atomic_write(os.path.join(paths.metrics, f"{method}_cases.csv"), df.to_csv(index=False))
+            _atomic_write(os.path.join(paths.metrics, f"{method}.json"), json.dumps(agg, indent=1))
+        step(f"evaluate/{method}", {}, [f"predict/{method}"], evaluate)
+    if stop == 5:
+        return finish()
+
+    def report():
+        from nnunetv2_ohem.demo.report import build_report
+        build_report(paths.out, list(cfg.methods), {m: paths.training_output(cfg, m) for m in cfg.methods},
+                     paths.test_images, paths.test_labels, paths.predictions, paths.metrics, paths.report,
+                     run_info={"device": device, **schedule, "n_train": cfg.n_train, "n_test": cfg.n_test,
+                               "voxel_size_mm": cfg.voxel_size, "seed": cfg.seed})
+
+    step("report", {"methods": list(cfg.methods)}, [f"evaluate/{m}" for m in cfg.methods], report)
+    return finish()
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["DemoConfig", "DemoError", "run_demo", "KNOWN_METHODS", "trainer_for", "Paths"]

@@ -1,0 +1,78 @@
+"""Demo-length trainers: the compared methods with one shared, short training budget.
+
+``nnunetv2_ohem_demo`` trains ``<method>_Demo`` through stock ``nnUNetv2_train``. Every variant has the same
+default schedule (:data:`DEMO_EPOCHS` x :data:`DEMO_ITERATIONS`), so the methods get the same number of
+optimiser steps on the same number of patches. The demo CLI's ``--epochs`` / ``--iterations`` reach the
+trainer in the ``nnUNetv2_train`` subprocess through the environment variables below (nnU-Net has no
+command-line switch for the schedule); outside the demo they are unset and the defaults apply.
+
+The variants skip nnU-Net's final validation (sliding-window prediction of the validation fold, with
+mirroring TTA): the demo scores held-out cases with ``nnUNetv2_predict`` instead, and on a 2-core CPU the
+validation fold would cost more than the training itself. Per-epoch pseudo Dice is still computed.
+"""
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilisticOversampling import \
+    nnUNetTrainer_probabilisticOversampling
+
+from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEM, nnUNetTrainerOHEMEMA
+
+DEMO_EPOCHS = 20
+DEMO_ITERATIONS = 10
+DEMO_VAL_ITERATIONS = 2
+ENV_EPOCHS = "NNUNETV2_OHEM_DEMO_EPOCHS"
+ENV_ITERATIONS = "NNUNETV2_OHEM_DEMO_ITERATIONS"
+ENV_VAL_ITERATIONS = "NNUNETV2_OHEM_DEMO_VAL_ITERATIONS"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer") from None
+    if parsed < 1:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
+    return parsed
+
+
+def _demo_variant(base, name: str):
+    cls = with_training_length(base, name, DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS)
+    fixed_init = cls.__init__
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        fixed_init(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = _env_int(ENV_EPOCHS, self.num_epochs)
+        self.num_iterations_per_epoch = _env_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = _env_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("Demo trainer: final validation skipped (the demo predicts held-out cases with "
+                               "nnUNetv2_predict)")
+
+    cls.__init__ = __init__
+    cls.perform_actual_validation = perform_actual_validation
+    cls.__module__ = __name__
+    return cls
+
+
+nnUNetTrainer_Demo = _demo_variant(nnUNetTrainer, "nnUNetTrainer_Demo")
+nnUNetTrainer_probabilisticOversampling_Demo = _demo_variant(nnUNetTrainer_probabilisticOversampling,
+                                                             "nnUNetTrainer_probabilisticOversampling_Demo")
+nnUNetTrainerOHEM_Demo = _demo_variant(nnUNetTrainerOHEM, "nnUNetTrainerOHEM_Demo")
+nnUNetTrainerOHEMEMA_Demo = _demo_variant(nnUNetTrainerOHEMEMA, "nnUNetTrainerOHEMEMA_Demo")
+
+#: method name shown in the report -> trainer class the demo runs
+DEMO_TRAINERS = {
+    "nnUNetTrainer": "nnUNetTrainer_Demo",
+    "nnUNetTrainer_probabilisticOversampling": "nnUNetTrainer_probabilisticOversampling_Demo",
+    "nnUNetTrainerOHEM": "nnUNetTrainerOHEM_Demo",
+    "nnUNetTrainerOHEMEMA": "nnUNetTrainerOHEMEMA_Demo",
+}

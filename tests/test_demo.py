@@ -1,0 +1,236 @@
+"""Demo pipeline: step reuse logic, report table/slices on fixed inputs, and one end-to-end smoke run."""
+import json
+import math
+import os
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from nnunetv2_ohem.demo.pipeline import (DemoConfig, DemoError, Paths, StepRunner, prepare_output,
+                                         write_single_split)
+from nnunetv2_ohem.demo.report import TABLE_COLUMNS, build_report, choose_slice, metrics_table
+
+
+class _ReportParser(HTMLParser):
+    """Collects <img src> and the cells of table.metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.rows = [], []
+        self._in_table = self._in_cell = False
+        self._row = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "table" and "metrics" in (attrs.get("class") or ""):
+            self._in_table = True
+        elif self._in_table and tag == "tr":
+            self._row = []
+        elif self._in_table and tag in ("td", "th"):
+            self._in_cell = True
+            self._row.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_table = False
+        elif self._in_table and tag == "tr":
+            self.rows.append([c.strip() for c in self._row])
+        elif tag in ("td", "th"):
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_table and self._in_cell:
+            self._row[-1] += data
+
+
+def parse_report(path):
+    p = _ReportParser()
+    with open(path) as f:
+        p.feed(f.read())
+    header = next(r for r in p.rows if "Dice" in r)
+    body = {r[0]: dict(zip(header[1:], r[1:])) for r in p.rows if r and r[0] and r[0] not in ("Method",)
+            and r is not header and len(r) == len(header)}
+    return p.images, body
+
+
+def _agg(dice, f1, sens, ppv, fp, fpv, n_l, n_f, secs):
+    stat = lambda v: {"mean": v, "median": v, "std": 0.0, "n": 2}  # noqa: E731
+    return {"challenge": {"cases_with_lesions": {"n_cases": n_l, "dice": stat(dice), "lesion_f1": stat(f1),
+                                                 "lesion_sensitivity": stat(sens), "lesion_ppv": stat(ppv)},
+                          "lesion_free_cases": {"n_cases": n_f, "fp_lesions": {**stat(fp), "total": fp * n_f},
+                                                "fp_volume_mm3": {**stat(fpv), "total": fpv * n_f}}},
+            "train_seconds": secs}
+
+
+FIXED = {"nnUNetTrainerOHEMEMA": _agg(0.5123, 0.25, 0.5, 1 / 3, 1.5, 54.0, 2, 2, 120.25),
+         "nnUNetTrainer": _agg(0.0, None, 0.0, 0.0, 0.0, 0.0, 2, 2, 99.0)}
+
+
+def test_metrics_table_picks_challenge_values():
+    df = metrics_table(FIXED)
+    assert list(df.index) == ["nnUNetTrainerOHEMEMA", "nnUNetTrainer"]
+    assert list(df.columns) == list(TABLE_COLUMNS)
+    row = df.loc["nnUNetTrainerOHEMEMA"]
+    assert row["Dice"] == pytest.approx(0.5123) and row["Lesion PPV"] == pytest.approx(1 / 3)
+    assert row["FP lesions per lesion-free case"] == 1.5 and row["FP volume (mm³) per lesion-free case"] == 54.0
+    assert row["Training time (s)"] == 120.25 and row["Lesion-free cases"] == 2
+    assert math.isnan(df.loc["nnUNetTrainer", "Lesion F1"])  # None in the json -> n/a, not 0
+
+
+def test_report_from_fixed_metrics_files_matches_table(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for m, agg in FIXED.items():
+        (metrics / f"{m}.json").write_text(json.dumps(agg))
+    html_path = build_report(str(tmp_path), list(FIXED), {}, str(tmp_path / "none"), str(tmp_path / "none"),
+                             str(tmp_path / "none"), str(metrics), str(tmp_path / "report"))
+    images, body = parse_report(html_path)
+    assert images == []
+    assert set(body) == set(FIXED)
+    assert body["nnUNetTrainerOHEMEMA"]["Dice"] == "0.512"
+    assert body["nnUNetTrainerOHEMEMA"]["Lesion PPV"] == "0.333"
+    assert body["nnUNetTrainerOHEMEMA"]["Training time (s)"] == "120.250"
+    assert body["nnUNetTrainer"]["Lesion F1"] == "n/a"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["nnUNetTrainerOHEMEMA"]["FP volume (mm³) per lesion-free case"] == 54.0
+    assert "No OHEM method in this run" in open(html_path).read()  # no training outputs were given
+
+
+def test_report_names_missing_metrics_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nnUNetTrainer.json"):
+        build_report(str(tmp_path), ["nnUNetTrainer"], {}, "", "", "", str(tmp_path), str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_choose_slice_matches_loop():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((7, 5, 6)) > 0.8 for _ in range(3)]
+    for axis in range(3):
+        best, best_count = 0, -1
+        for i in range(masks[0].shape[axis]):
+            count = sum(int(np.take(m, i, axis=axis).sum()) for m in masks)
+            if count > best_count:
+                best, best_count = i, count
+        assert choose_slice(masks, axis) == best
+    assert choose_slice([np.zeros((9, 2, 2), bool)]) == 4
+    with pytest.raises(ValueError, match="shape"):
+        choose_slice([np.zeros((2, 2, 2)), np.zeros((3, 2, 2))])
+
+
+def test_step_runner_reuses_and_invalidates_downstream(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "o"))
+    paths = prepare_output(cfg)
+    calls = []
+    r1 = StepRunner(paths, progress=False)
+    r1.run("a", {"x": 1}, [], lambda: calls.append("a"))
+    r1.run("b", {"y": 1}, ["a"], lambda: calls.append("b"))
+    r2 = StepRunner(paths, progress=False)
+    r2.run("a", {"x": 1}, [], lambda: calls.append("a"))
+    r2.run("b", {"y": 1}, ["a"], lambda: calls.append("b"))
+    assert calls == ["a", "b"] and r2.record["b"]["status"] == "reused"
+    r3 = StepRunner(paths, progress=False)
+    r3.run("a", {"x": 2}, [], lambda: calls.append("a"))  # changed settings
+    r3.run("b", {"y": 1}, ["a"], lambda: calls.append("b"))  # same settings, but upstream ran
+    assert calls == ["a", "b", "a", "b"]
+
+    def fail():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        StepRunner(paths, progress=False).run("c", {}, [], fail)
+    assert not os.path.exists(os.path.join(paths.steps, "c.json"))  # a failed step is not marked finished
+
+
+def test_output_folder_guard_and_fresh(tmp_path):
+    user = tmp_path / "user_data"
+    user.mkdir()
+    (user / "precious.nii.gz").write_bytes(b"x")
+    with pytest.raises(DemoError, match="not a demo output"):
+        prepare_output(DemoConfig(out=str(user), fresh=True))
+    assert (user / "precious.nii.gz").exists()
+    paths = prepare_output(DemoConfig(out=str(tmp_path / "o")))
+    os.makedirs(paths.metrics)
+    prepare_output(DemoConfig(out=str(tmp_path / "o"), fresh=True))
+    assert not os.path.exists(paths.metrics)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"methods": ("nnUNetTrainerFoo",)}, "unknown method"),
+                                             ({"epochs": 0}, "epochs"), ({"until": "nowhere"}, "until")])
+def test_bad_demo_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**kwargs)
+
+
+def test_single_split_keeps_last_cases_for_validation(tmp_path):
+    for i in range(6):
+        (tmp_path / f"MSSEG2_{i:03d}.nii.gz").write_bytes(b"")
+    split = write_single_split(str(tmp_path), str(tmp_path / "splits.json"))
+    assert split == {"train": [f"MSSEG2_{i:03d}" for i in range(5)], "val": ["MSSEG2_005"]}
+    assert json.loads((tmp_path / "splits.json").read_text()) == [split]
+
+
+def _png_ok(path):
+    import matplotlib.image as mpimg
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 50
+    assert float(img[..., :3].std()) > 0.01, f"{path} is blank"
+
+
+SMOKE = ["--cases", "3", "--test-cases", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
+         "--voxel-size", "4", "--dataset-id", "943", "--no-progress",
+         "--methods", "nnUNetTrainerOHEMEMA", "nnUNetTrainer"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_reuse_and_fresh(cli, tmp_path):
+    out = tmp_path / "demo"
+    t0 = time.time()
+    cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE])
+    first = time.time() - t0
+    paths = Paths(str(out), DemoConfig())
+    methods = ["nnUNetTrainerOHEMEMA", "nnUNetTrainer"]
+    metrics = {}
+    for m in methods:
+        metrics[m] = json.loads((out / "metrics" / f"{m}.json").read_text())
+        row = metrics_table({m: metrics[m]}).loc[m]
+        for col, value in row.items():
+            assert np.isfinite(value), f"{m}: {col} is not finite ({value})"
+        for col in ("Dice", "Lesion F1", "Lesion sensitivity", "Lesion PPV"):
+            assert 0.0 <= row[col] <= 1.0
+        assert row["Cases with lesions"] >= 1 and row["Lesion-free cases"] >= 1
+        assert row["FP lesions per lesion-free case"] >= 0 and row["Training time (s)"] > 0
+    report = out / "report" / "report.html"
+    images, body = parse_report(str(report))
+    assert set(body) == set(methods)
+    for m in methods:
+        expected = metrics_table({m: metrics[m]}).loc[m]
+        for col, value in expected.items():
+            assert float(body[m][col]) == pytest.approx(value, abs=6e-4), (m, col)
+    expected_images = {"training_curves.png", "mining_diagnostics.png"}
+    assert expected_images <= set(images)
+    assert sum(i.startswith("case_") for i in images) >= 2  # a lesion case and the lesion-free case
+    for src in images:
+        _png_ok(out / "report" / src)
+
+    ckpt = os.path.join(paths.training_output(DemoConfig(dataset_id=943), methods[0]), "checkpoint_final.pth")
+    mtime = os.path.getmtime(ckpt)
+    t0 = time.time()
+    cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE])
+    second = time.time() - t0
+    run = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert {v["status"] for v in run["steps"].values()} == {"reused"}
+    assert os.path.getmtime(ckpt) == mtime
+    assert second < first / 3
+
+    phantom = out / "phantoms" / "MSSEG2" / "training" / "001" / "ground_truth.nii.gz"
+    before = os.path.getmtime(phantom)
+    cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE, "--fresh", "--until", "phantoms"])
+    run = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert run["steps"] == {"phantoms": run["steps"]["phantoms"]} and run["steps"]["phantoms"]["status"] == "ran"
+    assert os.path.getmtime(phantom) > before
+    assert not (out / "nnUNet_results").exists() and not (out / "report").exists()
