@@ -1,0 +1,1 @@
+"""Losses building blocks (see DESIGN.md §1)."""

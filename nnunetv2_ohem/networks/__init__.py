@@ -1,0 +1,1 @@
+"""Networks building blocks (see DESIGN.md §1)."""
