@@ -60,6 +60,29 @@ def _probe(py: str, tmp_path) -> str:
             if line.startswith(("EXT ", "FOUND "))}
 
 
+def _source_modules() -> set:
+    """Dotted names of every module in the source tree, as the wheel should install them."""
+    names = set()
+    for top, dotted in (("nnunetv2_ohem", "nnunetv2_ohem"), ("dataset_conversion", "nnunetv2_ohem.dataset_conversion")):
+        for root, dirs, files in os.walk(os.path.join(REPO, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            rel = os.path.relpath(root, os.path.join(REPO, top))
+            prefix = dotted if rel == "." else dotted + "." + rel.replace(os.sep, ".")
+            names.update(f"{prefix}.{f[:-3]}" for f in files if f.endswith(".py") and f != "__init__.py")
+    return {n for n in names if "._nnunet_ext." not in n}
+
+
+def _assert_every_source_module_installed(site: str) -> None:
+    """A module committed without its package's ``__init__.py`` works in a clone but is silently left
+    out of the wheel; compare the installed files with the source tree."""
+    installed = set()
+    for root, dirs, files in os.walk(os.path.join(site, "nnunetv2_ohem")):
+        rel = os.path.relpath(root, site).replace(os.sep, ".")
+        installed.update(f"{rel}.{f[:-3]}" for f in files if f.endswith(".py") and f != "__init__.py")
+    missing = _source_modules() - installed
+    assert not missing, f"modules missing from the wheel: {sorted(missing)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
 def test_install_hook_works_and_uninstall_removes_it(throwaway_venv, tmp_path, editable):
@@ -79,6 +102,7 @@ def test_install_hook_works_and_uninstall_removes_it(throwaway_venv, tmp_path, e
             assert path.startswith(REPO)  # edits in the clone take effect
         else:
             assert path.startswith(site)
+            _assert_every_source_module_installed(site)
     finally:
         _pip(py, "uninstall", "-y", "nnunetv2-ohem")
     assert not os.path.exists(os.path.join(site, PTH))
