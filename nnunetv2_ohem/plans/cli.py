@@ -10,6 +10,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "tiny": "nnunetv2_ohem.plans.cli:run_tiny",
+    "paper": "nnunetv2_ohem.plans.paper:run_paper",
 }
 
 
