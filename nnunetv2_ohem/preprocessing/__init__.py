@@ -1,0 +1,1 @@
+"""Preprocessing extensions that stock nnU-Net can use (normalisation schemes outside nnunetv2's folder)."""
