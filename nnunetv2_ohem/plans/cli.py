@@ -11,6 +11,7 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "tiny": "nnunetv2_ohem.plans.cli:run_tiny",
     "paper": "nnunetv2_ohem.plans.paper:run_paper",
+    "btrseg": "nnunetv2_ohem.plans.btrseg:run_btrseg",
 }
 
 
