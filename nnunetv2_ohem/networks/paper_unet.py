@@ -5,8 +5,8 @@
 
 ↓ = 2× max pooling, ↑ = 2× (tri/bi)linear upsampling followed by concatenation with the encoder skip.
 The paper's head is ``Conv(1)`` + sigmoid (one lesion channel); inside nnU-Net the number of outputs is
-the label manager's number of segmentation heads (2 with softmax for a binary label dataset, 1 with a
-sigmoid if the lesion is declared as a region). Works in 2D too (``dim=2``).
+the label manager's number of segmentation heads (2 with softmax for a binary label dataset; the same
+model class, since a 2-way softmax is a sigmoid of the logit difference). Works in 2D too (``dim=2``).
 
 In a plans file::
 
