@@ -67,13 +67,15 @@ def main():
                    help="reuse an nnU-Net tree (raw/preprocessed/results) that already holds the preprocessed "
                         "Dataset902_OhemBench with these settings (e.g. built here, run on a GPU machine)")
     p.add_argument("--prepare_only", action="store_true", help="build the dataset and plans, then exit")
+    p.add_argument("--compile", action="store_true",
+                   help="nnUNet_compile=t: torch.compile online net and miner (CUDA only; slow first steps)")
     args = p.parse_args()
 
     root = args.nnunet_root or tempfile.mkdtemp(prefix="ohem_bench_")
     for k in ("raw", "preprocessed", "results"):
         os.makedirs(os.path.join(root, k), exist_ok=True)
     os.environ.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "preprocessed"),
-                      nnUNet_results=os.path.join(root, "results"), nnUNet_compile="f")
+                      nnUNet_results=os.path.join(root, "results"), nnUNet_compile="t" if args.compile else "f")
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -125,7 +127,7 @@ def main():
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "plans": plans_id,
         "patch": plain.configuration_manager.patch_size,
         "B": plain.batch_size, "B_bar": ohem.num_candidates, "miner_chunk": ohem.miner_chunk_size or 2 * ohem.batch_size, "k": args.k, "steps": args.steps,
-        "torch_threads": torch.get_num_threads(), "nnUNet_n_proc_DA": os.environ["nnUNet_n_proc_DA"],
+        "torch_threads": torch.get_num_threads(), "compile": args.compile, "nnUNet_n_proc_DA": os.environ["nnUNet_n_proc_DA"],
         "plain_step_s": round(t_plain, 4), "ohem_step_s": round(t_ohem, 4),
         "ohem_loader_s": round(t_loader, 4), "plain_loader_s": round(t_loader_plain, 4),
         "ohem_mining_s": round(t_mining, 4),
