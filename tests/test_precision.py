@@ -336,13 +336,61 @@ def test_predictor_preprocessing_knows_btrseg_scheme(region_dataset):
         assert data[c].min() == pytest.approx(0, abs=1e-6) and data[c].max() == pytest.approx(1, abs=1e-6)
 
 
+def test_groupnorm_from_plans_file_and_rebuilt_like_predict(region_dataset):
+    """Plans written with --norm group give GroupNorm to a trainer without its own norm; the network that
+    nnUNetv2_predict rebuilds (static hook, no deep supervision) loads the training weights."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(os.path.join(region_dataset.preprocessed_folder, region_dataset.plans_identifier + ".json"))
+    kwargs = pm.get_configuration("3d_fullres").network_arch_init_kwargs
+    assert kwargs["norm_op"] == GROUPNORM_DOTTED_NAME and kwargs["norm_op_kwargs"]["num_groups"] == 4
+    cls = P.nnUNetTrainerFP32  # norm None: the plans decide
+    train_net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 4, 3, True)
+    norms = [m for m in train_net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, GroupNorm) for m in norms)
+    assert {(m.num_channels, m.num_groups) for m in norms} == {(4, 4), (8, 4), (16, 4)}
+    pred_net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 4, 3, False)
+    pred_net.load_state_dict(train_net.state_dict())
+    x = torch.randn(1, 4, 32, 32, 32)
+    train_net.eval()
+    pred_net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pred_net(x), train_net(x)[0])
+
+
+def test_nnunet_predictor_runs_network_in_trainer_precision(region_dataset):
+    """nnU-Net's predictor (used by nnUNetv2_predict and the final validation) applies no autocast on CPU;
+    a BF16 trainer's network still runs its convolutions in bf16 there and returns fp32 logits."""
+    import json
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(os.path.join(region_dataset.preprocessed_folder, region_dataset.plans_identifier + ".json"))
+    cm = pm.get_configuration("3d_fullres")
+    dj = json.load(open(os.path.join(region_dataset.preprocessed_folder, "dataset.json")))
+    for trainer, expected in (("nnUNetTrainerBF16", torch.bfloat16), ("nnUNetTrainerFP32", torch.float32)):
+        net = getattr(P, trainer).build_network_architecture(pm, cm, 4, 3, False)
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                                    device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+        predictor.manual_initialization(net, pm, cm, None, dj, trainer, None)
+        seen, handles = _record_conv_dtypes(net)
+        logits = predictor.predict_sliding_window_return_logits(torch.randn(4, 40, 36, 36))
+        for h in handles:
+            h.remove()
+        assert {d for d, _ in seen} == {expected}, trainer
+        assert logits.shape == (3, 40, 36, 36) and torch.isfinite(logits).all()
+
+
 # ------------------------------------------------------------------------------------------- stock CLIs
 @pytest.mark.slow
 def test_btrseg_bf16_groupnorm_stock_train_and_predict(region_dataset, cli, nnunet_env, tmp_path):
     tr = "nnUNetTrainerBTRSeg_BF16_GN_Adam_Debug"
     ds = region_dataset
+    # one export worker instead of nnU-Net's default 8 spawned processes for the final validation
+    env = {**os.environ, "nnUNet_def_n_proc": "1"}
     cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "0", "-p", ds.plans_identifier, "-tr", tr,
-         "-device", "cpu"])
+         "-device", "cpu"], env=env)
     model = os.path.join(nnunet_env["nnUNet_results"], ds.name, f"{tr}__{ds.plans_identifier}__3d_fullres")
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), weights_only=False)
     assert ckpt["trainer_name"] == tr
@@ -353,7 +401,7 @@ def test_btrseg_bf16_groupnorm_stock_train_and_predict(region_dataset, cli, nnun
     out = tmp_path / "pred"
     cli(["nnUNetv2_predict", "-i", os.path.join(ds.raw_folder, "imagesTs"), "-o", str(out), "-d",
          str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "-p", ds.plans_identifier, "-tr", tr, "-device", "cpu",
-         "--disable_tta", "-npp", "1", "-nps", "1"])
+         "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
     preds = sorted(glob.glob(str(out / "*.nii.gz")))
     assert len(preds) == 1
     ref = sitk.ReadImage(os.path.join(ds.raw_folder, "labelsTs", os.path.basename(preds[0])))

@@ -123,11 +123,18 @@ class _PrecisionForward(nn.Module):
 
     _ohem_precision: str = "fp32"
 
+    def _ohem_autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
+        # resolved once per device: keeps env/GPU queries out of the hot path (and out of torch.compile graphs)
+        cache = self.__dict__.setdefault("_ohem_dtype_cache", {})
+        if device_type not in cache:
+            cache[device_type] = device_policy(self._ohem_precision, device_type).autocast_dtype
+        return cache[device_type]
+
     def forward(self, x, *args, **kwargs):
         device_type = x.device.type
         if device_type not in ("cuda", "cpu"):
             return super().forward(x, *args, **kwargs)
-        dtype = device_policy(self._ohem_precision, device_type).autocast_dtype
+        dtype = self._ohem_autocast_dtype(device_type)
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             out = super().forward(x, *args, **kwargs)
         return _to_float32(out)
@@ -147,6 +154,7 @@ def set_network_precision(network: nn.Module, precision: str) -> nn.Module:
                                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
         network.__class__ = _PRECISION_CLASSES[cls]
     network._ohem_precision = precision
+    network.__dict__.pop("_ohem_dtype_cache", None)
     return network
 
 
