@@ -356,7 +356,7 @@ class nnUNetTrainerOHEMEMA_ExportEMA(nnUNetTrainerOHEMEMA):
     export_ema_weights = True
 
 
-class StepFractionLRScheduler(torch.optim.lr_scheduler._LRScheduler):
+class StepFractionLRScheduler(torch.optim.lr_scheduler.LRScheduler):
     """``lr = lr0 · γ^m`` where m = number of milestones (fractions of ``max_steps``) already reached.
 
     The paper: 1e-3, ×0.1 at 50 % and again at 80 % of training. ``step(current_step)`` like nnU-Net's
