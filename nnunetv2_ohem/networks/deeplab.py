@@ -290,7 +290,10 @@ class ASPPv2(nn.Module):
         self.branches = nn.ModuleList(AtrousConv(conv_op, in_channels, num_classes, 3, r, True) for r in rates)
 
     def forward(self, x):
-        return torch.stack([b(x) for b in self.branches], 0).sum(0)
+        out = self.branches[0](x)
+        for b in self.branches[1:]:
+            out = out + b(x)
+        return out
 
 
 class DeepLab(nn.Module):
