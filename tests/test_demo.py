@@ -181,9 +181,10 @@ def _png_ok(path):
     assert float(img[..., :3].std()) > 0.01, f"{path} is blank"
 
 
+# one method keeps the smoke run within the suite's time share (each method adds a training and a prediction
+# subprocess); the multi-method table is covered by the fixed-metrics tests above
 SMOKE = ["--cases", "3", "--test-cases", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
-         "--voxel-size", "4", "--dataset-id", "943", "--no-progress",
-         "--methods", "nnUNetTrainerOHEMEMA", "nnUNetTrainer"]
+         "--voxel-size", "4", "--dataset-id", "943", "--no-progress", "--methods", "nnUNetTrainerOHEMEMA"]
 
 
 @pytest.mark.slow
@@ -193,7 +194,7 @@ def test_demo_end_to_end_reuse_and_fresh(cli, tmp_path):
     cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE])
     first = time.time() - t0
     paths = Paths(str(out), DemoConfig())
-    methods = ["nnUNetTrainerOHEMEMA", "nnUNetTrainer"]
+    methods = ["nnUNetTrainerOHEMEMA"]
     metrics = {}
     for m in methods:
         metrics[m] = json.loads((out / "metrics" / f"{m}.json").read_text())

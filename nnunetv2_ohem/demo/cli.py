@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iterations", type=int, default=_D.val_iterations)
     p.add_argument("--voxel-size", type=float, default=_D.voxel_size,
                    help="isotropic phantom voxel size in mm (1 = template resolution; larger trains faster)")
+    p.add_argument("--lesion-volume", type=float, nargs=2, default=list(_D.lesion_volume), metavar=("LO", "HI"),
+                   help="new-lesion volumes in mm³ (a few lesions up to 5*HI); 1 50 is MSSEG-II-like and much harder")
     p.add_argument("--seed", type=int, default=_D.seed, help="phantom seed")
     p.add_argument("--dataset-id", type=int, default=_D.dataset_id)
     p.add_argument("--features", type=int, nargs="+", default=list(_D.features), help="U-Net features per stage")
@@ -39,6 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = DemoConfig(out=args.out, n_train=args.cases, n_test=args.test_cases, voxel_size=args.voxel_size,
+                         lesion_volume=tuple(args.lesion_volume),
                          seed=args.seed, dataset_id=args.dataset_id, methods=tuple(args.methods),
                          epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                          features=tuple(args.features), patch=args.patch, batch=args.batch, device=args.device,

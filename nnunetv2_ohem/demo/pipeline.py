@@ -40,6 +40,9 @@ class DemoConfig:
     n_train: int = 10
     n_test: int = 4
     voxel_size: float = 2.0
+    #: new-lesion volumes (mm³) of the demo phantoms: larger than MSSEG-II's typical 1-50 mm³ so that a network
+    #: trained for minutes on a CPU finds them; (1, 50) gives the realistic, much harder setting
+    lesion_volume: Tuple[float, float] = (30.0, 300.0)
     seed: int = 0
     dataset_id: int = 942
     methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer")
@@ -57,6 +60,9 @@ class DemoConfig:
     def __post_init__(self):
         self.methods = tuple(self.methods)
         self.features = tuple(self.features)
+        self.lesion_volume = tuple(float(v) for v in self.lesion_volume)
+        if len(self.lesion_volume) != 2 or not 0 < self.lesion_volume[0] <= self.lesion_volume[1]:
+            raise ValueError(f"lesion_volume must be two numbers 0 < lo <= hi, got {self.lesion_volume}")
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {list(KNOWN_METHODS)}")
@@ -169,6 +175,7 @@ def run_logged(cmd: List[str], env: Dict[str, str], log_path: str, step: str,
         try:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # users may tail the log while nnU-Net runs
                 if on_line is not None:
                     on_line(line)
             code = proc.wait()
@@ -202,6 +209,14 @@ def write_single_split(labels_tr: str, path: str, val_fraction: float = 0.2) -> 
 _EPOCH_RE = re.compile(r"^.*Epoch (\d+)\s*$")
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: unlike wall time it hardly
+    depends on how busy a shared machine is, so step costs stay comparable between runs."""
+    import resource
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class StepRunner:
     """Runs or reuses steps and records what happened."""
 
@@ -229,16 +244,16 @@ class StepRunner:
         if os.path.exists(marker):
             os.remove(marker)
         tqdm.write(f"[demo] {name}: running") if self.progress else None
-        start = time.time()
+        start, cpu_start = time.time(), _cpu_seconds()
         fn()
-        seconds = time.time() - start
+        seconds, cpu = time.time() - start, _cpu_seconds() - cpu_start
         tmp = marker + ".part"
         with open(tmp, "w") as f:
-            json.dump({"settings": settings, "seconds": seconds,
+            json.dump({"settings": settings, "seconds": seconds, "cpu_seconds": cpu,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
         os.replace(tmp, marker)
         self.ran.add(name)
-        self.record[name] = {"status": "ran", "seconds": seconds}
+        self.record[name] = {"status": "ran", "seconds": seconds, "cpu_seconds": cpu}
         return True
 
 
@@ -253,7 +268,10 @@ def step_seconds(paths: Paths, name: str) -> Optional[float]:
 
 def _phantom_config(cfg: DemoConfig):
     from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig
-    return MSSEG2PhantomConfig(voxel_size=cfg.voxel_size)
+    lo, hi = cfg.lesion_volume
+    # the "few larger" lesions stay 1-5x the largest regular one, as in the generator's default
+    return MSSEG2PhantomConfig(voxel_size=cfg.voxel_size, lesion_volume_mm3=(lo, hi),
+                               large_lesion_volume_mm3=(hi, 5 * hi))
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
@@ -376,7 +394,9 @@ def run_demo(cfg: DemoConfig) -> Dict:
         build_report(paths.out, list(cfg.methods), {m: paths.training_output(cfg, m) for m in cfg.methods},
                      paths.test_images, paths.test_labels, paths.predictions, paths.metrics, paths.report,
                      run_info={"device": device, **schedule, "n_train": cfg.n_train, "n_test": cfg.n_test,
-                               "voxel_size_mm": cfg.voxel_size, "seed": cfg.seed})
+                               "voxel_size_mm": cfg.voxel_size, "new lesion volume mm³": list(cfg.lesion_volume),
+                               "seed": cfg.seed, "U-Net features": list(cfg.features), "patch": cfg.patch,
+                               "batch": cfg.batch})
 
     step("report", {"methods": list(cfg.methods)}, [f"evaluate/{m}" for m in cfg.methods], report)
     return finish()
