@@ -189,6 +189,33 @@ def test_batch_size_for_memory():
     assert batch_size_for_memory(1e12, 1, 2, "fp16", 7) == 7  # 5 % dataset cap
 
 
+def test_btrseg_planner_128_patch_and_precision_batch(region_dataset, monkeypatch):
+    """BraTS-sized median shape: the plan gets a 128³ patch with nnU-Net's topology for it, GroupNorm, the
+    BTRSeg scheme, and a batch for fp32 that is half the fp16 one (same memory budget)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    from nnunetv2_ohem.plans.btrseg import BTRSegPlanner
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # nnU-Net's VRAM estimate sets torch threads from it
+    base = load_json(os.path.join(region_dataset.preprocessed_folder, region_dataset.plans_identifier + ".json"))
+    base = base["configurations"]["3d_fullres"]
+    batches = {}
+    for prec in ("fp16", "fp32"):
+        planner = BTRSegPlanner(region_dataset.dataset_id, precision=prec, gpu_memory_target_in_gb=40)
+        plan = planner._btrseg_patch_and_batch(dict(base), (1.0, 1.0, 1.0), (140, 170, 140), 1e12)
+        assert plan["patch_size"] == [128, 128, 128]
+        _, pool, conv, _, _ = get_pool_and_conv_props((1.0, 1.0, 1.0), [128] * 3,
+                                                      planner.UNet_featuremap_min_edge_length, 999999)
+        assert plan["architecture"]["arch_kwargs"]["strides"] == pool
+        assert plan["architecture"]["arch_kwargs"]["n_stages"] == len(pool)
+        batches[prec] = plan["batch_size"]
+    assert batches["fp16"] > batches["fp32"] >= 2
+    assert abs(batches["fp16"] - 2 * batches["fp32"]) <= 1
+    normalised, _ = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+    assert normalised == [BTRSEG_SCHEME] * 4
+
+
 def test_trainer_names_cover_table1():
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -225,14 +252,16 @@ def _batch(t, seed=0):
     return {"data": data, "target": targets}
 
 
-def _record_conv_dtypes(network):
+def _record_conv_dtypes(network, all_leaves: bool = False):
+    """Forward hooks recording (output dtype, CPU autocast on?) of every Conv3d (or every leaf module)."""
     seen = []
 
     def hook(module, inputs, output):
         seen.append((output.dtype, torch.is_autocast_enabled("cpu")))
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
-    return seen, handles
+    wanted = [m for m in network.modules()
+              if (not list(m.children()) if all_leaves else isinstance(m, torch.nn.Conv3d))]
+    return seen, [m.register_forward_hook(hook) for m in wanted]
 
 
 @pytest.mark.parametrize("name,expect_dtype,autocast", [
@@ -251,6 +280,13 @@ def test_train_step_runs_in_requested_precision(region_dataset, name, expect_dty
     assert len(seen) > 5
     assert {d for d, _ in seen} == {expect_dtype}
     assert {a for _, a in seen} == {autocast}
+    if expect_dtype == torch.float32:
+        # no op of the network (convs, norms, nonlinearities) produced a reduced-precision tensor
+        seen, handles = _record_conv_dtypes(t.network, all_leaves=True)
+        t.train_step(_batch(t, 2))
+        for h in handles:
+            h.remove()
+        assert len(seen) > 20 and {d for d, _ in seen} == {torch.float32}
     assert np.isfinite(out["loss"]) and out["loss"].dtype == np.float32
     # master weights stay fp32 and were updated
     assert all(p.dtype == torch.float32 for p in t.network.parameters())
