@@ -25,8 +25,11 @@ def place_blobs(k: int, edge: int, batch: int, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     inst = np.zeros((batch, 1, edge, edge, edge), np.int64)
     for b in range(batch):
-        placed = 0
+        placed, tries = 0, 0
         while placed < k:
+            tries += 1
+            if tries > 1000 * k:
+                raise ValueError(f"cannot place {k} separate blobs in {edge}^3; use a larger --edge")
             s = int(rng.integers(2, 5))
             c = rng.integers(0, edge - s, size=3)
             view = inst[b, 0, c[0]:c[0] + s, c[1]:c[1] + s, c[2]:c[2] + s]
@@ -102,13 +105,17 @@ def loss_benchmarks(edge: int, repeats: int):
                           "goal": "<= 1.5 at K=100, flat in K"}), flush=True)
 
 
-def trainer_benchmark(steps: int):
+def use_temp_nnunet_folders() -> None:
+    """nnU-Net reads its folders at import time: call before anything imports nnunetv2."""
     root = tempfile.mkdtemp(prefix="blob_bench_")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[k] = os.path.join(root, k)
         os.makedirs(os.environ[k])
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_compile"] = "f"
+
+
+def trainer_benchmark(steps: int):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2_ohem.phantoms.simple import write_simple_lesion_dataset
     from nnunetv2_ohem.plans.tiny import plan_and_preprocess_tiny
@@ -120,26 +127,27 @@ def trainer_benchmark(steps: int):
     plans_id = plan_and_preprocess_tiny(dataset_id, num_processes=1)
     folder = os.path.join(os.environ["nnUNet_preprocessed"], f"Dataset{dataset_id}_BlobBench")
 
-    def step_time(cls):
+    def make(cls):
         plans = load_json(os.path.join(folder, plans_id + ".json"))
         plans["continue_training"] = False
+        torch.manual_seed(0)
         trainer = cls(plans, "3d_fullres", 0, load_json(os.path.join(folder, "dataset.json")), torch.device("cpu"))
         trainer.initialize()
         dl_tr, _ = trainer.get_dataloaders()
         trainer.network.train()
         for _ in range(2):
             trainer.train_step(next(dl_tr))
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            trainer.train_step(next(dl_tr))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return trainer, dl_tr
 
-    torch.manual_seed(0)
-    t_plain = step_time(nnUNetTrainer_Debug)
-    torch.manual_seed(0)
-    t_blob = step_time(nnUNetTrainerBlobLoss_Debug)
+    # interleaved so that load changes on a shared machine hit both alike
+    runs = {"plain": make(nnUNetTrainer_Debug), "blob": make(nnUNetTrainerBlobLoss_Debug)}
+    times = {k: [] for k in runs}
+    for _ in range(steps):
+        for k, (trainer, dl) in runs.items():
+            t0 = time.perf_counter()
+            trainer.train_step(next(dl))
+            times[k].append(time.perf_counter() - t0)
+    t_plain, t_blob = float(np.median(times["plain"])), float(np.median(times["blob"]))
     print(json.dumps({"bench": "trainer_step", "plans": "nnUNetTinyPlans 3d_fullres (32^3, batch 2)",
                       "steps": steps, "plain_s": round(t_plain, 4), "blob_s": round(t_blob, 4),
                       "ratio": round(t_blob / t_plain, 3), "ratio_means": "blob step / plain step (load+step)",
@@ -154,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer-step comparison")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    use_temp_nnunet_folders()
     loss_benchmarks(args.edge, args.repeats)
     if not args.no_trainer:
         trainer_benchmark(args.steps)

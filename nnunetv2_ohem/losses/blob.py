@@ -26,7 +26,7 @@ For two-class softmax outputs the BCE of the foreground probability equals nnU-N
 the blob term" is exact there; with more classes each class is scored one-vs-rest (its blobs against everything
 that is not that class), which is how the paper applies blob loss per label channel.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def blob_terms(logits: torch.Tensor, instances: torch.Tensor, activation: str = 
         ``b * F + f`` each blob belongs to. ``Dice_k = (2tp+s)/(tp+fp+|k|+s)``,
         ``BCE_k = (sum_B -log(1-p) + sum_k -log p) / N`` (module docstring).
     """
-    n_fg = _check_shapes(logits, instances, activation)
+    _check_shapes(logits, instances, activation)
     device = logits.device
     # fp32 sums whatever autocast is active: fp16 sums over 10^6 voxels overflow / lose the small blobs
     with torch.autocast(device_type=device.type, enabled=False):

@@ -13,9 +13,8 @@ Options for the stock CLI (read when the trainer is created, written to the trai
 6/18/26 in 3D; default 8 / 26).
 """
 import os
-from typing import List, Optional, Tuple, Union
+from typing import Optional
 
-import numpy as np
 import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
