@@ -18,7 +18,8 @@ from nnunetv2_ohem.networks.deeplab import (ASPPv2, ASPPv3, AtrousConv, DeepLab,
                                             dilation_schedule, group_norm_groups, scale_atrous_rates)
 from nnunetv2_ohem.training.deeplab import (ConstantThenPolyLRScheduler, constant_then_poly_lr,
                                             deeplab_kwargs_from_plans, nnUNetTrainerDeepLabV2,
-                                            nnUNetTrainerDeepLabV3, nnUNetTrainerDeepLabV3_SlidesSchedule)
+                                            nnUNetTrainerDeepLabV3, nnUNetTrainerDeepLabV3_OS8,
+                                            nnUNetTrainerDeepLabV3_SlidesSchedule)
 
 torch.set_num_threads(1)
 
@@ -323,7 +324,8 @@ def test_static_builders_build_from_tiny_plans(tiny_dataset, configuration):
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    for trainer, version in ((nnUNetTrainerDeepLabV3, "v3"), (nnUNetTrainerDeepLabV2, "v2")):
+    for trainer, version in ((nnUNetTrainerDeepLabV3, "v3"), (nnUNetTrainerDeepLabV2, "v2"),
+                             (nnUNetTrainerDeepLabV3_OS8, "v3")):
         # nnUNetPredictor picks the 2.8.1 call by this test
         assert "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters
         net = trainer.build_network_architecture(pm, cm, 2, n_out, enable_deep_supervision=False)
@@ -333,6 +335,26 @@ def test_static_builders_build_from_tiny_plans(tiny_dataset, configuration):
         with torch.no_grad():
             y = net(torch.randn(1, 2, *cm.patch_size))
         assert y.shape == (1, n_out, *cm.patch_size)
+        assert net.atrous_rates == ((12, 24, 36) if trainer is nnUNetTrainerDeepLabV3_OS8 else
+                                    (6, 12, 18) if version == "v3" else (6, 12, 18, 24))
+
+
+def test_nnunet_finds_every_deeplab_trainer_by_name():
+    """Stock nnUNetv2_train/predict resolve -tr NAME with this function (our discovery hook adds our folder)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    import nnunetv2_ohem.training.deeplab as mod
+    names = [n for n in dir(mod) if n.startswith("nnUNetTrainer") and getattr(mod, n).__module__ == mod.__name__]
+    assert sorted(names) == sorted(["nnUNetTrainerDeepLabV3", "nnUNetTrainerDeepLabV2",
+                                    "nnUNetTrainerDeepLabV3_SlidesSchedule", "nnUNetTrainerDeepLabV3_Debug",
+                                    "nnUNetTrainerDeepLabV3_OS8",
+                                    "nnUNetTrainerDeepLabV2_Debug", "nnUNetTrainerDeepLabV3_SlidesSchedule_Debug"])
+    for name in names:
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls is not None and cls.__name__ == name and issubclass(cls, nnUNetTrainerDeepLabV3)
+        assert list(inspect.signature(cls.__init__).parameters) == [
+            "self", "plans", "configuration", "fold", "dataset_json", "device"]
+    assert nnUNetTrainerDeepLabV3_SlidesSchedule.__mro__[1] is nnUNetTrainerDeepLabV3
+    assert mod.nnUNetTrainerDeepLabV2_Debug.__mro__[1] is nnUNetTrainerDeepLabV2
 
 
 def _fixed_batch(trainer, n=2):

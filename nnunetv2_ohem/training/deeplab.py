@@ -82,6 +82,16 @@ class nnUNetTrainerDeepLabV3(nnUNetTrainer):
         pass
 
 
+class nnUNetTrainerDeepLabV3_OS8(nnUNetTrainerDeepLabV3):
+    """DeepLabv3 at output stride 8 (one more dilated stage, rates doubled to 12/24/36): finer maps, more cost."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return build_deeplab(configuration_manager, num_input_channels, num_output_channels, "v3", 8)
+
+
 class nnUNetTrainerDeepLabV2(nnUNetTrainerDeepLabV3):
     """DeepLabv2 (summed atrous classifiers, rates 6/12/18/24, output stride 8, no pooling branch)."""
 
