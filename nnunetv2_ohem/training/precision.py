@@ -122,19 +122,14 @@ class _PrecisionForward(nn.Module):
     are; only ``forward`` gains the autocast region (see the module docstring)."""
 
     _ohem_precision: str = "fp32"
-
-    def _ohem_autocast_dtype(self, device_type: str) -> Optional[torch.dtype]:
-        # resolved once per device: keeps env/GPU queries out of the hot path (and out of torch.compile graphs)
-        cache = self.__dict__.setdefault("_ohem_dtype_cache", {})
-        if device_type not in cache:
-            cache[device_type] = device_policy(self._ohem_precision, device_type).autocast_dtype
-        return cache[device_type]
+    _ohem_dtypes: Dict[str, Optional[torch.dtype]] = {}
 
     def forward(self, x, *args, **kwargs):
         device_type = x.device.type
-        if device_type not in ("cuda", "cpu"):
+        if device_type not in self._ohem_dtypes:
             return super().forward(x, *args, **kwargs)
-        dtype = self._ohem_autocast_dtype(device_type)
+        # resolved when the precision was set: a plain dict lookup keeps torch.compile graphs whole
+        dtype = self._ohem_dtypes[device_type]
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             out = super().forward(x, *args, **kwargs)
         return _to_float32(out)
@@ -154,7 +149,7 @@ def set_network_precision(network: nn.Module, precision: str) -> nn.Module:
                                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
         network.__class__ = _PRECISION_CLASSES[cls]
     network._ohem_precision = precision
-    network.__dict__.pop("_ohem_dtype_cache", None)
+    network._ohem_dtypes = {d: device_policy(precision, d).autocast_dtype for d in ("cpu", "cuda")}
     return network
 
 
