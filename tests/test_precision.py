@@ -216,6 +216,24 @@ def test_btrseg_planner_128_patch_and_precision_batch(region_dataset, monkeypatc
     assert normalised == [BTRSEG_SCHEME] * 4
 
 
+def test_precision_network_compiles_without_graph_breaks():
+    """nnU-Net compiles the network on CUDA by default: our autocast forward must trace as one graph."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(4, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], [2, 2, 2], 3, [2, 2], conv_bias=True,
+                        norm_op=GroupNorm, norm_op_kwargs={"num_groups": 4}, nonlin=torch.nn.LeakyReLU,
+                        deep_supervision=True)
+    P.set_network_precision(net, "bf16")
+    x = torch.randn(1, 4, 16, 16, 16)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)  # raises on any graph break
+    with torch.no_grad():
+        got, ref = compiled(x), net(x)
+    assert [o.dtype for o in got] == [torch.float32, torch.float32]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_trainer_names_cover_table1():
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
