@@ -81,6 +81,7 @@ setup(
         "matplotlib>=3.7,<4",
         "tqdm>=4.60,<5",
         "nilearn>=0.10,<0.15",
+        "ranger21>=0.1,<0.2",  # VALDO blob-loss configuration (Kofler et al. used Ranger21)
     ],
     extras_require={
         "test": ["pytest>=8,<10", "MedPy>=0.5,<0.6"],
