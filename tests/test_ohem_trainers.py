@@ -93,6 +93,8 @@ def test_train_step_trains_exactly_the_top_b_candidates_and_updates_ema(trainer3
     errs = tr.last_selection["errors"].numpy()
     np.testing.assert_allclose(errs, ref + sum(tr.loss.weight_factors), rtol=1e-4, atol=1e-5)
     assert result["ohem_error_selected"] >= result["ohem_error_candidates"]
+    assert result["ohem_miner_online_disagreement"] == 0.0  # first step: w̄_0 = w_0
+    assert tr.network.training  # the disagreement probe put the online net back into train mode
 
 
 def test_candidate_batch_has_requested_foreground_fraction(trainer3d):
@@ -152,6 +154,25 @@ def test_checkpoint_roundtrip_restores_miner_and_online_exactly(tiny_dataset, tr
     exp2.load_checkpoint(path)
     for k, v in unwrap_model(exp2.network).state_dict().items():
         assert torch.equal(v, unwrap_model(exp.network).state_dict()[k])
+
+    # a kill while a new checkpoint is being written leaves the previous complete one (miner included)
+    good = open(path, "rb").read()
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # nnU-Net's part is written; die before the miner state is added
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, f, *a, **kw)
+
+    torch.save = dying_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            exp.save_checkpoint(path)
+    finally:
+        torch.save = real_save
+    assert calls[0] == path + ".part" and open(path, "rb").read() == good
 
     # a plain nnU-Net checkpoint: warn, miner := online
     del ck["ohem_ema"]
@@ -303,13 +324,20 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
     for k, v in ck["ohem_ema"]["miner_weights"].items():
         assert torch.equal(v, ck2["ohem_ema"]["miner_weights"][k])
 
+    # one test case is enough to prove stock predict rebuilds the net and loads the weights
+    import shutil
+    cases = sorted(f for f in os.listdir(os.path.join(ds.raw_folder, "labelsTs")) if f.endswith(".nii.gz"))[:1]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in os.listdir(os.path.join(ds.raw_folder, "imagesTs")):
+        if f.startswith(cases[0][:-len(".nii.gz")] + "_"):
+            shutil.copy(os.path.join(ds.raw_folder, "imagesTs", f), inp / f)
     pred = tmp_path / "pred"
-    cli(["nnUNetv2_predict", "-i", os.path.join(ds.raw_folder, "imagesTs"), "-o", str(pred), "-d",
+    cli(["nnUNetv2_predict", "-i", str(inp), "-o", str(pred), "-d",
          str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "-tr", name, "-p", ds.plans_identifier,
          "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"])
     import SimpleITK as sitk
-    cases = sorted(f for f in os.listdir(os.path.join(ds.raw_folder, "labelsTs")) if f.endswith(".nii.gz"))
-    assert cases and sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == cases
+    assert len(os.listdir(inp)) == 2 and sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == cases
     for c in cases:
         p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / c)))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(ds.raw_folder, "labelsTs", c)))

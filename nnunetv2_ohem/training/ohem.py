@@ -166,12 +166,20 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         return torch.cat(errors).clone()
 
     def _disagreement(self, data: torch.Tensor) -> float:
-        """Mean |p_miner − p_online| of the full-resolution probabilities on the selected patches."""
+        """Mean |p_miner − p_online| of the full-resolution probabilities on the selected patches, both nets
+        in the miner's norm mode (eval by default, so the online net's BatchNorm statistics stay untouched;
+        its mode is restored afterwards)."""
         online = unwrap_model(self.network)
+        was_training = online.training
+        online.train(self.miner_train_mode)
+        try:
+            with torch.inference_mode():
+                with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
+                        else dummy_context():
+                    a, b = self.miner(data), online(data)
+        finally:
+            online.train(was_training)
         with torch.inference_mode():
-            with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
-                    else dummy_context():
-                a, b = self.miner(data), online(data)
             a = (a[0] if isinstance(a, (list, tuple)) else a).float()
             b = (b[0] if isinstance(b, (list, tuple)) else b).float()
             act = torch.sigmoid if self.label_manager.has_regions else (lambda z: torch.softmax(z, 1))
