@@ -29,6 +29,9 @@ def nnunet_env(tmp_path_factory):
         # nnU-Net's final validation exports through a spawn Pool of 8 workers by default; on 2 cores
         # starting 8 interpreters that each import torch costs more than the whole tiny training.
         "nnUNet_def_n_proc": "1",
+        # nnU-Net sets torch's thread count to the core count on CPU; busy-waiting OpenMP threads then
+        # fight any other process on 2 cores (a 5 s validation measured at 96 s under load)
+        "OMP_WAIT_POLICY": "PASSIVE",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "MPLBACKEND": "Agg",
     }
