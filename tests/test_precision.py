@@ -17,7 +17,7 @@ from nnunetv2_ohem.preprocessing.btrseg import (BTRSEG_SCHEME, BTRSegNormalizati
                                                 ExtendedPreprocessor, btrseg_normalize)
 from nnunetv2_ohem.training import precision as P
 
-from precision_fixtures import REGION_DATASET_NAME, build_region_dataset
+from precision_fixtures import build_region_dataset
 
 
 @pytest.fixture(scope="session")

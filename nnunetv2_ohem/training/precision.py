@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pydoc import locate
 from typing import Dict, Optional, Tuple
 
-import numpy as np
 import torch
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm, get_matching_instancenorm
 from torch import nn
