@@ -366,6 +366,19 @@ def test_btrseg_trainer_loss_optimizer_and_batch(region_dataset):
     np.testing.assert_allclose(t.loss.weight_factors, nnUNetTrainer._build_loss(t).weight_factors)
 
 
+def test_btrseg_needs_region_labels(region_dataset):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    plans = load_json(os.path.join(region_dataset.preprocessed_folder, region_dataset.plans_identifier + ".json"))
+    plans["continue_training"] = False
+    dj = load_json(os.path.join(region_dataset.preprocessed_folder, "dataset.json"))
+    dj["labels"] = {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3}
+    dj.pop("regions_class_order")
+    t = P.nnUNetTrainerBTRSeg_Debug(plans, "3d_fullres", 0, dj, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="region dataset"):
+        t.initialize()
+
+
 def test_predictor_preprocessing_knows_btrseg_scheme(region_dataset):
     """What stock nnUNetv2_predict does: build the network through the trainer, pickle the configuration into a
     worker, preprocess there. The worker's preprocessor must apply the BTRSeg scheme."""
