@@ -6,7 +6,7 @@ each trainer: ``on_train_start``, ``--warmup`` steps, then ``--steps`` timed ite
 (OHEM-EMA / plain; the paper reports ~2x per iteration on a GPU). Also splits the OHEM step into loader,
 mining (miner forward + errors) and the rest, measured in separate passes.
 
-    OMP_NUM_THREADS=1 python benchmarks/ohem.py --steps 10
+    OMP_NUM_THREADS=1 python benchmarks/ohem_step.py --steps 10
 """
 import argparse
 import json
