@@ -200,7 +200,7 @@ def plot_case(case: str, t1: np.ndarray, t2: np.ndarray, gt: np.ndarray, preds: 
             ax.contour(np.flipud((gt[z] > 0)[crop]).astype(float), levels=[0.5], colors=["lime"], linewidths=0.7)
         ax.imshow(np.flipud((pred[z] > 0)[crop]), cmap=red, vmin=0, vmax=1, interpolation="nearest")
     fig.suptitle(f"{case}, axial slice {z}" + (" (lesion-free: false positives in red)" if focus == "fp" else ""),
-                 fontsize=9)
+                 fontsize=9, y=1.06)
     _save(fig, path)
     return z
 
