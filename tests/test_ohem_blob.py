@@ -1,0 +1,212 @@
+"""OHEM-EMA mining + blob-loss training: the per-image blob error, the ranking it gives, and one real train step
+on the tiny phantom dataset (selection by the per-patch blob objective, EMA, loss on the selected sub-batch)."""
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_ohem.losses.blob import blob_loss, per_sample_blob_error
+from nnunetv2_ohem.mining import per_sample_error, unwrap_model
+from nnunetv2_ohem.training import ohem_blob
+from nnunetv2_ohem.training.ohem_blob import blob_ranking_error
+
+
+def loop_blob_error(logits, instances, activation, weight_dice=1.0, weight_bce=1.0, smooth=1e-5):
+    """Plain per-image, per-class, per-blob loop over explicit masks (the paper's definition, 1 - Dice)."""
+    logits = logits.double()
+    probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, 1)[:, 1:]
+    out = []
+    for b in range(logits.shape[0]):
+        per_class = []
+        for f in range(instances.shape[1]):
+            inst = instances[b, f]
+            ids = [int(i) for i in torch.unique(inst) if i != 0]
+            if not ids:
+                continue
+            terms = []
+            for k in ids:
+                y = (inst == k).double()
+                keep = ((inst == 0) | (inst == k)).double()
+                p = probs[b, f] * keep
+                dice = (2 * (p * y).sum() + smooth) / ((p + y).sum() + smooth)
+                bce = torch.nn.functional.binary_cross_entropy(p, y)
+                terms.append(weight_bce * bce + weight_dice * (1 - dice))
+            per_class.append(sum(terms) / len(terms))
+        out.append(float(sum(per_class) / len(per_class)) if per_class else 0.0)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("activation,channels", [("softmax", 3), ("sigmoid", 2)])
+def test_per_sample_blob_error_matches_per_blob_loop(activation, channels):
+    g = torch.Generator().manual_seed(3)
+    n_fg = channels - 1 if activation == "softmax" else channels
+    logits = torch.randn(4, channels, 9, 8, 7, generator=g)
+    instances = torch.randint(0, 5, (4, n_fg, 9, 8, 7), generator=g)
+    instances[1] = 0  # image without blobs: error 0
+    instances[2, 0] = 0  # one class without blobs: averaged over the other class only
+    instances[3, 0, 0, 0, 0] = 40  # single-voxel blob with a non-consecutive id
+    got = per_sample_blob_error(logits, instances, activation, weight_dice=0.7, weight_bce=1.3)
+    want = loop_blob_error(logits, instances, activation, weight_dice=0.7, weight_bce=1.3)
+    assert got.shape == (4,) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert got[1] == 0 and (got[[0, 2, 3]] > 0).all()
+    # one image alone: the batch blob loss (-Dice) shifted by w_dice
+    for i in (0, 3):
+        assert abs(float(blob_loss(logits[i:i + 1], instances[i:i + 1], activation, 0.7, 1.3)) + 0.7
+                   - float(got[i])) < 1e-5
+
+
+def test_blob_ranking_puts_a_missed_small_lesion_above_voxels_missed_on_a_large_one():
+    """The point of the combination: DC+CE ranks the patch missing 27 voxels of a large lesion higher than the
+    one missing a whole 8-voxel lesion; the blob objective ranks them the other way round."""
+    shape = (1, 1, 20, 20, 20)
+    seg = torch.zeros(shape, dtype=torch.long)
+    seg[..., 2:12, 2:12, 2:12] = 1  # large lesion (1000 voxels) in both patches
+    seg = seg.repeat(2, 1, 1, 1, 1)
+    seg[0, 0, 16:18, 16:18, 16:18] = 1  # patch 0 also has a small lesion
+    inst = torch.zeros_like(seg)
+    inst[:, :, 2:12, 2:12, 2:12] = 1
+    inst[0, 0, 16:18, 16:18, 16:18] = 2
+    pred = seg.clone()
+    pred[0, 0, 16:18, 16:18, 16:18] = 0  # patch 0 misses its small lesion entirely (8 voxels)
+    pred[1, 0, 2:5, 2:5, 2:5] = 0  # patch 1 misses a corner of the large lesion (27 voxels)
+    logits = torch.cat([-8.0 * (pred == 1).float() + 4, 8.0 * (pred == 1).float() - 4], 1)
+    packed = torch.cat([seg, inst], 1)
+    dc_ce = per_sample_error(logits, seg, "dc_ce")
+    blob = blob_ranking_error(logits, packed, 1, alpha=2.0, beta=1.0)
+    assert dc_ce[1] > dc_ce[0]
+    assert blob[0] > 2 * blob[1]
+
+
+def make_trainer(ds, cls):
+    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
+    plans["continue_training"] = False
+    dj = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
+    tr = cls(plans, "3d_fullres", 0, dj, torch.device("cpu"))
+    tr.on_train_start()
+    return tr
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_dataset):
+    torch.manual_seed(0)
+    return make_trainer(tiny_dataset, ohem_blob.nnUNetTrainerOHEMEMA_BlobLoss_Debug)
+
+
+def nnunet_dc_ce(trainer):
+    return DC_and_CE_loss({"batch_dice": trainer.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
+                           "ddp": False}, {}, weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+
+
+def test_train_step_trains_top_b_by_blob_error_moves_ema_and_uses_blob_loss(trainer, monkeypatch):
+    tr = trainer
+    batch = next(tr.dataloader_train)
+    data, target = batch["data"], batch["target"]
+    n_cand, b = data.shape[0], tr.batch_size
+    assert n_cand == tr.candidate_factor * b and isinstance(target, list)
+    assert all(t.shape[1] == 2 for t in target)  # label + instance channel at every deep-supervision scale
+    weights = list(tr.loss.weight_factors)
+    miner_before = copy.deepcopy(tr.miner)
+    online_before = copy.deepcopy(unwrap_model(tr.network))
+    glob = nnunet_dc_ce(tr)
+
+    # independent per-patch recomputation under the miner: nnU-Net's DC+CE (-Dice) and the batch blob loss on a
+    # batch of one, shifted to 1 - Dice (+1 per term; the blob shift only where the patch has a blob at that scale)
+    ref = []
+    with torch.no_grad():
+        for i in range(n_cand):
+            outs = miner_before(data[i:i + 1])
+            e = 0.0
+            for w, o, t in zip(weights, outs, target):
+                if w == 0:
+                    continue
+                seg, inst = t[i:i + 1, :1], t[i:i + 1, 1:]
+                has_blob = bool(inst.any())
+                e += w * (tr.blob_alpha * (float(glob(o, seg)) + 1)
+                          + tr.blob_beta * ((float(blob_loss(o, inst.long())) + 1) if has_blob else 0.0))
+            ref.append(e)
+    ref = np.asarray(ref)
+    assert len(np.unique(np.round(ref, 6))) == n_cand  # distinct errors: the top-B set is unambiguous
+
+    seen = {}
+    parent = nnUNetTrainer.train_step
+
+    def spy(self, sub):
+        seen["batch"] = sub
+        return parent(self, sub)
+
+    monkeypatch.setattr(nnUNetTrainer, "train_step", spy)
+    tr.on_train_epoch_start()
+    result = tr.train_step(batch)
+    monkeypatch.setattr(nnUNetTrainer, "train_step", parent)
+
+    np.testing.assert_allclose(tr.last_selection["errors"].numpy(), ref, rtol=1e-4, atol=1e-5)
+    expected = sorted(np.argsort(-ref, kind="stable")[:b].tolist())
+    assert tr.last_selection["indices"].tolist() == expected
+    trained = seen["batch"]
+    assert torch.equal(trained["data"], data[expected])
+    # every scale's target travels with its patch: label AND instance channels
+    assert len(trained["target"]) == len(target)
+    for t_sel, t_all in zip(trained["target"], target):
+        assert torch.equal(t_sel, t_all[expected])
+    assert ref[expected].min() > np.delete(ref, expected).max()
+
+    # the trained loss is alpha * DC+CE + beta * blob loss of the selected sub-batch under the pre-step online net
+    with torch.no_grad():
+        outs = online_before(data[expected])
+        want = sum(w * (tr.blob_alpha * glob(o, t[expected][:, :1])
+                        + tr.blob_beta * blob_loss(o, t[expected][:, 1:].long()))
+                   for w, o, t in zip(weights, outs, target) if w)
+    assert abs(float(result["loss"]) - float(want)) < 1e-5 * max(1.0, abs(float(want)))
+
+    mu = tr.ema_momentum
+    online = unwrap_model(tr.network).state_dict()
+    moved = False
+    for k, v in tr.miner.state_dict().items():
+        assert torch.allclose(v, mu * miner_before.state_dict()[k] + (1 - mu) * online[k], atol=1e-6, rtol=0), k
+        moved |= not torch.equal(v, miner_before.state_dict()[k])
+    assert moved
+    assert result["ohem_error_selected"] > result["ohem_error_candidates"]
+
+
+def test_nan_in_an_unselected_candidate_is_reported(trainer):
+    batch = next(trainer.dataloader_train)
+    batch["data"][-1, 0, 0, 0, 0] = float("nan")
+    batch["keys"] = [f"case_{i}" for i in range(batch["data"].shape[0])]
+    with pytest.raises(ValueError, match=f"case_{batch['data'].shape[0] - 1}"):
+        trainer.train_step(batch)
+
+
+def test_stock_lookup_finds_the_trainer_by_name():
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
+            "import inspect; from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEMEMA as O; "
+            "from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss as B; "
+            "c = f('nnUNetTrainerOHEMEMA_BlobLoss_Debug'); "
+            "print(c.__module__, c.__name__, issubclass(c, O) and issubclass(c, B), "
+            "list(inspect.signature(c.__init__).parameters))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]  # nnU-Net prints its search first
+    assert last.split()[:3] == ["nnunetv2_ohem.training.ohem_blob", "nnUNetTrainerOHEMEMA_BlobLoss_Debug", "True"]
+    assert last.endswith("['self', 'plans', 'configuration', 'fold', 'dataset_json', 'device']")
+
+
+def test_validation_scores_candidates_in_chunks_on_the_plain_label(trainer):
+    """OHEM's chunked validation over B̄ patches wraps the blob trainer's: Dice counts from the label channel only."""
+    trainer.on_validation_epoch_start()
+    vbatch = next(trainer.dataloader_val)
+    assert vbatch["data"].shape[0] == trainer.num_candidates
+    seg = vbatch["target"][0][:, :1].clone()
+    out = trainer.validation_step(vbatch)
+    assert out["tp_hard"].shape == (1,)
+    assert out["tp_hard"][0] + out["fn_hard"][0] == int((seg == 1).sum())
+    assert np.isfinite(out["loss"])
