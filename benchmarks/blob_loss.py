@@ -85,6 +85,9 @@ def loss_benchmarks(edge: int, repeats: int):
         seg = (inst > 0).to(torch.int32)
         packed = torch.cat([seg, inst.to(torch.int32)], 1)
         full = BlobLoss(glob, 1, "softmax", alpha=2.0, beta=1.0)
+        # the same loss without the fused two-class path (DC+CE and blob term in separate passes)
+        unfused = BlobLoss(glob, 1, "softmax", alpha=2.0, beta=1.0)
+        unfused._fused = False
 
         def run(f):
             def go():
@@ -99,9 +102,12 @@ def loss_benchmarks(edge: int, repeats: int):
                           "ratio": round(t_loop / t_vec, 2), "ratio_means": "loop / vectorised"}), flush=True)
         t_dcce = timed(run(lambda: glob(logits, seg)), repeats)
         t_full = timed(run(lambda: full(logits, packed)), repeats)
+        t_unfused = timed(run(lambda: unfused(logits, packed)), repeats)
         print(json.dumps({"bench": "blob_loss_vs_dc_ce", "edge": edge, "batch": batch, "K": k,
                           "dc_ce_s": round(t_dcce, 5), "blob_loss_s": round(t_full, 5),
                           "ratio": round(t_full / t_dcce, 3), "ratio_means": "blob loss / DC+CE",
+                          "unfused_blob_loss_s": round(t_unfused, 5),
+                          "unfused_ratio": round(t_unfused / t_dcce, 3),
                           "goal": "<= 1.5 at K=100, flat in K"}), flush=True)
 
 

@@ -210,3 +210,37 @@ def test_validation_scores_candidates_in_chunks_on_the_plain_label(trainer):
     assert out["tp_hard"].shape == (1,)
     assert out["tp_hard"][0] + out["fn_hard"][0] == int((seg == 1).sum())
     assert np.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("batch_dice,w_ce,w_dc", [(False, 1.0, 1.0), (True, 0.5, 2.0)])
+def test_fused_dc_ce_and_blob_equals_nnunet_dc_ce_plus_blob_loss_values_and_gradients(batch_dice, w_ce, w_dc):
+    """The fast path of BlobLoss (global DC+CE from the blob term's sums) against nnU-Net's own DC_and_CE_loss
+    and the unfused blob loss; inconsistent label / instance maps fall back to the unfused computation."""
+    import cc3d
+    from nnunetv2_ohem.losses.blob import BlobLoss, fused_binary_dc_ce_and_blob
+    g = torch.Generator().manual_seed(5)
+    seg = (torch.rand(3, 1, 12, 11, 10, generator=g) > 0.8).long()
+    seg[1] = 0  # image without foreground
+    inst = torch.stack([torch.from_numpy(cc3d.connected_components(s[0].numpy() == 1, connectivity=26)
+                                         .astype(np.int64))[None] for s in seg])
+    logits = torch.randn(3, 2, 12, 11, 10, generator=g, dtype=torch.float64)
+    dcce = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=w_ce, weight_dice=w_dc, dice_class=MemoryEfficientSoftDiceLoss)
+    a = logits.clone().float().requires_grad_()
+    r = logits.clone().float().requires_grad_()
+    glob, blob = fused_binary_dc_ce_and_blob(a, seg, inst, dcce, 0.7, 1.3)
+    want_glob, want_blob = dcce(r, seg), blob_loss(r, inst, "softmax", 0.7, 1.3)
+    assert abs(glob.item() - want_glob.item()) < 1e-5 and abs(blob.item() - want_blob.item()) < 1e-5
+    (2 * glob + blob).backward()
+    (2 * want_glob + want_blob).backward()
+    torch.testing.assert_close(a.grad, r.grad, atol=1e-7, rtol=1e-4)
+    module = BlobLoss(dcce, 1, "softmax", alpha=2.0, beta=1.0, weight_dice=0.7, weight_bce=1.3)
+    assert module._fused
+    packed = torch.cat([seg, inst], 1)
+    assert abs(float(module(logits.float(), packed)) - float(2 * want_glob + want_blob)) < 1e-5
+    bad = packed.clone()
+    bad[0, 1][bad[0, 0] == 1] = 0  # instance map not derived from the label
+    want_bad = 2 * dcce(logits.float(), bad[:, :1]) + blob_loss(logits.float(), bad[:, 1:], "softmax", 0.7, 1.3)
+    assert abs(float(module(logits.float(), bad)) - float(want_bad)) < 1e-6
+    with pytest.raises(ValueError, match="foreground is exactly"):
+        fused_binary_dc_ce_and_blob(logits, bad[:, :1], bad[:, 1:], dcce)

@@ -31,7 +31,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-__all__ = ["blob_terms", "blob_loss", "per_sample_blob_error", "BlobLoss", "split_packed_target"]
+__all__ = ["blob_terms", "blob_loss", "per_sample_blob_error", "fused_binary_dc_ce_and_blob", "BlobLoss", "split_packed_target"]
 
 
 def _check_shapes(logits: torch.Tensor, instances: torch.Tensor, activation: str) -> int:
@@ -85,36 +85,48 @@ def blob_terms(logits: torch.Tensor, instances: torch.Tensor, activation: str = 
         ``BCE_k = (sum_B -log(1-p) + sum_k -log p) / N`` (module docstring).
     """
     _check_shapes(logits, instances, activation)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _terms_from_sums(_segment_sums(logits, instances, activation), smooth)
+
+
+def _segment_sums(logits: torch.Tensor, instances: torch.Tensor, activation: str) -> dict:
+    """Per-instance sums of ``p`` and of the per-voxel BCE term, and voxel counts, in one pass.
+
+    Ids are made unique per (image, channel): segment ``g = b * F + f`` owns ids ``offsets[g] ..
+    offsets[g] + max_id[g]``; id ``offsets[g]`` collects that segment's background (no blob) sums.
+    Call with autocast disabled: fp16 sums over 10^6 voxels overflow / lose the small blobs.
+    """
     device = logits.device
-    # fp32 sums whatever autocast is active: fp16 sums over 10^6 voxels overflow / lose the small blobs
-    with torch.autocast(device_type=device.type, enabled=False):
-        inst = instances.long()
-        b, f = inst.shape[:2]
-        n_vox = inst[0, 0].numel()
-        flat_inst = inst.reshape(b * f, n_vox)
-        # unique ids per (image, channel): segment g owns ids offset[g] .. offset[g] + max_id[g]; id 0 of a
-        # segment collects its background sums
-        seg_len = flat_inst.amax(1) + 1
-        offsets = torch.cumsum(seg_len, 0) - seg_len
-        total = int(seg_len.sum().item())
-        gid = (flat_inst + offsets[:, None]).reshape(-1)
-        p, nll = _probs_and_nll(logits, activation, inst > 0)
-        nll = nll.reshape(-1)
-        # two 1-D index_adds: a (V, 2) index_add is ~10x slower on CPU (measured)
-        sum_p = p.new_zeros(total).index_add(0, gid, p.reshape(-1))
-        sum_nll = p.new_zeros(total).index_add(0, gid, nll)
-        counts = torch.bincount(gid, minlength=total)
-        group_of_id = torch.repeat_interleave(torch.arange(b * f, device=device), seg_len)
-        is_bg = torch.zeros(total, dtype=torch.bool, device=device)
-        is_bg[offsets] = True
-        keep = (~is_bg) & (counts > 0)
-        group = group_of_id[keep]
-        tp = sum_p[keep]
-        size = counts[keep].to(tp.dtype)
-        fp = sum_p[offsets][group]
-        bg_nll = sum_nll[offsets][group]
-        dice = (2 * tp + smooth) / torch.clamp(tp + fp + size + smooth, min=1e-8)
-        bce = (bg_nll + sum_nll[keep]) / n_vox
+    inst = instances.long()
+    b, f = inst.shape[:2]
+    n_vox = inst[0, 0].numel()
+    flat_inst = inst.reshape(b * f, n_vox)
+    seg_len = flat_inst.amax(1) + 1
+    offsets = torch.cumsum(seg_len, 0) - seg_len
+    total = int(seg_len.sum().item())
+    gid = (flat_inst + offsets[:, None]).reshape(-1)
+    p, nll = _probs_and_nll(logits, activation, inst > 0)
+    # two 1-D index_adds: a (V, 2) index_add is ~10x slower on CPU (measured)
+    sum_p = p.new_zeros(total).index_add(0, gid, p.reshape(-1))
+    sum_nll = p.new_zeros(total).index_add(0, gid, nll.reshape(-1))
+    counts = torch.bincount(gid, minlength=total)
+    group_of_id = torch.repeat_interleave(torch.arange(b * f, device=device), seg_len)
+    return dict(sum_p=sum_p, sum_nll=sum_nll, counts=counts, offsets=offsets, group_of_id=group_of_id,
+                n_groups=b * f, n_vox=n_vox)
+
+
+def _terms_from_sums(sums: dict, smooth: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sum_p, sum_nll, counts, offsets = sums["sum_p"], sums["sum_nll"], sums["counts"], sums["offsets"]
+    is_bg = torch.zeros(sum_p.shape[0], dtype=torch.bool, device=sum_p.device)
+    is_bg[offsets] = True
+    keep = (~is_bg) & (counts > 0)
+    group = sums["group_of_id"][keep]
+    tp = sum_p[keep]
+    size = counts[keep].to(tp.dtype)
+    fp = sum_p[offsets][group]
+    bg_nll = sum_nll[offsets][group]
+    dice = (2 * tp + smooth) / torch.clamp(tp + fp + size + smooth, min=1e-8)
+    bce = (bg_nll + sum_nll[keep]) / sums["n_vox"]
     return dice, bce, group
 
 
@@ -126,9 +138,14 @@ def blob_loss(logits: torch.Tensor, instances: torch.Tensor, activation: str = "
     Pairs without blobs are skipped; with no blob at all the result is an fp32 zero (not NaN).
     """
     dice, bce, group = blob_terms(logits, instances, activation, smooth)
-    n_groups = instances.shape[0] * instances.shape[1]
+    return _reduce_blobs(dice, bce, group, instances.shape[0] * instances.shape[1], weight_dice, weight_bce,
+                         logits)
+
+
+def _reduce_blobs(dice: torch.Tensor, bce: torch.Tensor, group: torch.Tensor, n_groups: int, weight_dice: float,
+                  weight_bce: float, like: torch.Tensor) -> torch.Tensor:
     if group.numel() == 0:
-        return logits.new_zeros((), dtype=torch.float32)
+        return like.new_zeros((), dtype=torch.float32)
     per_blob = weight_bce * bce - weight_dice * dice
     sums = per_blob.new_zeros(n_groups).index_add(0, group, per_blob)
     counts = torch.bincount(group, minlength=n_groups)
@@ -164,6 +181,65 @@ def split_packed_target(target: torch.Tensor, num_instance_channels: int) -> Tup
     return target[:, :-num_instance_channels], target[:, -num_instance_channels:]
 
 
+def _fusable_dc_ce(global_loss: nn.Module) -> bool:
+    """Is ``global_loss`` exactly nnU-Net's plain DC+CE (soft Dice without background, unweighted mean CE)?"""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
+    from nnunetv2.utilities.helpers import softmax_helper_dim1
+    if type(global_loss) is not DC_and_CE_loss or global_loss.ignore_label is not None:
+        return False
+    dc, ce = global_loss.dc, global_loss.ce
+    return (type(dc) is MemoryEfficientSoftDiceLoss and dc.apply_nonlin is softmax_helper_dim1 and not dc.do_bg
+            and not (dc.batch_dice and dc.ddp) and type(ce) is RobustCrossEntropyLoss and ce.weight is None
+            and ce.reduction == "mean" and ce.label_smoothing == 0 and ce.ignore_index < 0)
+
+
+def fused_binary_dc_ce_and_blob(logits: torch.Tensor, seg: torch.Tensor, instances: torch.Tensor,
+                                dc_ce: nn.Module, weight_dice: float = 1.0, weight_bce: float = 1.0,
+                                smooth: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dc_ce(logits, seg), blob_loss(logits, instances, "softmax", ...))`` for two-class softmax outputs, both
+    from the blob term's single pass over the volume.
+
+    With two classes the instance map's foreground is the label's (``InstanceMapTransform`` builds it from the
+    label), so nnU-Net's terms are sums the blob term already has, per image ``b``:
+    ``CE = sum_b sum_ids sum_nll / (B N)``, soft Dice of the foreground with ``intersect = sum_{blobs} sum p``,
+    ``sum_pred = sum_{all ids} sum p``, ``sum_gt = N - |background|`` (per image, or summed first for
+    ``batch_dice``); ``DC+CE = w_ce CE - w_dc Dice`` as in ``DC_and_CE_loss``. ``dc_ce`` must pass
+    ``_fusable_dc_ce`` and ``seg == 1`` must be exactly ``instances > 0`` (checked).
+    """
+    if logits.shape[1] != 2 or instances.shape[1] != 1:
+        raise ValueError(f"fused DC+CE needs two-class logits and one instance channel, got {tuple(logits.shape)} "
+                         f"and {tuple(instances.shape)}")
+    if not _fusable_dc_ce(dc_ce):
+        raise ValueError("fused DC+CE needs nnU-Net's plain DC_and_CE_loss (MemoryEfficientSoftDiceLoss without "
+                         "background, unweighted CE, no ignore label)")
+    _check_shapes(logits, instances, "softmax")
+    if seg.shape != instances.shape or not torch.equal(seg == 1, instances > 0):
+        raise ValueError("fused DC+CE needs a label whose foreground is exactly the instance map's")
+    return _fused_unchecked(logits, instances, dc_ce, weight_dice, weight_bce, smooth)
+
+
+def _fused_unchecked(logits: torch.Tensor, instances: torch.Tensor, dc_ce: nn.Module, weight_dice: float,
+                     weight_bce: float, smooth: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        sums = _segment_sums(logits, instances, "softmax")
+        dice, bce, group = _terms_from_sums(sums, smooth)
+        blob = _reduce_blobs(dice, bce, group, sums["n_groups"], weight_dice, weight_bce, logits)
+        b, offsets, n_vox = logits.shape[0], sums["offsets"], sums["n_vox"]
+        gi = sums["group_of_id"]
+        pred = sums["sum_p"].new_zeros(b).index_add(0, gi, sums["sum_p"])
+        nll = sums["sum_nll"].new_zeros(b).index_add(0, gi, sums["sum_nll"])
+        intersect = pred - sums["sum_p"][offsets]
+        gt = (n_vox - sums["counts"][offsets]).to(pred.dtype)
+        if dc_ce.dc.batch_dice:
+            intersect, pred, gt = intersect.sum(0), pred.sum(0), gt.sum(0)
+        dc = ((2 * intersect + dc_ce.dc.smooth) / (gt + pred + float(dc_ce.dc.smooth)).clamp_min(1e-8)).mean()
+        glob = (dc_ce.weight_ce * (nll.sum() / (b * n_vox)) if dc_ce.weight_ce != 0 else 0) + \
+            (dc_ce.weight_dice * -dc if dc_ce.weight_dice != 0 else 0)
+    return glob, blob
+
+
 class BlobLoss(nn.Module):
     """``alpha * global_loss(output, seg) + beta * blob_loss(output, instances)`` for one resolution.
 
@@ -183,9 +259,17 @@ class BlobLoss(nn.Module):
         self.activation = activation
         self.alpha, self.beta = float(alpha), float(beta)
         self.weight_dice, self.weight_bce, self.smooth = float(weight_dice), float(weight_bce), float(smooth)
+        # two-class softmax with nnU-Net's plain DC+CE: both terms from one pass (same values, ~half the time)
+        self._fused = activation == "softmax" and self.num_instance_channels == 1 and _fusable_dc_ce(global_loss)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         seg, inst = split_packed_target(target, self.num_instance_channels)
+        if self.alpha != 0 and self.beta != 0 and self._fused and output.shape[1] == 2 and \
+                seg.shape == inst.shape and torch.equal(seg == 1, inst > 0):
+            _check_shapes(output, inst, "softmax")
+            glob, blob = _fused_unchecked(output, inst, self.global_loss, self.weight_dice, self.weight_bce,
+                                          self.smooth)
+            return self.alpha * glob + self.beta * blob
         result = self.alpha * self.global_loss(output, seg) if self.alpha != 0 else 0.0
         if self.beta != 0:
             result = result + self.beta * blob_loss(output, inst, self.activation, self.weight_dice,
