@@ -97,7 +97,17 @@ def test_report_from_fixed_metrics_files_matches_table(tmp_path):
     assert body["nnUNetTrainer"]["Lesion F1"] == "n/a"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["nnUNetTrainerOHEMEMA"]["FP volume (mm³) per lesion-free case"] == 54.0
-    assert "No OHEM method in this run" in open(html_path).read()  # no training outputs were given
+    text = open(html_path).read()
+    assert "No OHEM method in this run" in text  # no training outputs were given
+    assert "No method found any lesion" not in text
+
+
+def test_report_says_when_nothing_was_found(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "nnUNetTrainer.json").write_text(json.dumps(_agg(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2, 1, 5.0)))
+    html_path = build_report(str(tmp_path), ["nnUNetTrainer"], {}, "", "", "", str(metrics), str(tmp_path / "r"))
+    assert "No method found any lesion" in open(html_path).read()
 
 
 def test_report_names_missing_metrics_file(tmp_path):

@@ -46,7 +46,7 @@ class DemoConfig:
     seed: int = 0
     dataset_id: int = 942
     methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer")
-    epochs: int = 12
+    epochs: int = 60
     iterations: int = 10
     val_iterations: int = 2
     features: Tuple[int, ...] = (8, 16, 32)

@@ -232,6 +232,14 @@ def render_html(table: pd.DataFrame, run_info: Dict, sections: List[Tuple[str, s
             'sensitivity / PPV are means over held-out cases with new lesions; false-positive lesions and their '
             'volume are means over lesion-free cases. Lesions are 6-connected, below 3 mm³ ignored. Tiny '
             'training budgets give noisy numbers: this demo shows the pipeline, not which method is better.</p>']
+    found = pd.concat([table.get("Dice", pd.Series(dtype=float)),
+                       table.get("FP lesions per lesion-free case", pd.Series(dtype=float))]).fillna(0)
+    if len(table) and not (found > 0).any():
+        body.append('<p class="note"><b>No method found any lesion (nor any false positive) on the held-out '
+                    'cases.</b> The networks still predict background everywhere: the training budget was too '
+                    'short (small lesions take nnU-Net a few hundred to a few thousand iterations to appear). '
+                    'Rerun with more epochs, e.g. <code>nnunetv2_ohem_demo --epochs 100</code>; finished steps '
+                    'before training are reused.</p>')
     for title, inner in sections:
         body.append(f"<h2>{html.escape(title)}</h2>{inner}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nnunetv2-ohem demo report</title>"

@@ -21,7 +21,7 @@ from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilist
 from nnunetv2_ohem.training.common import with_training_length
 from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEM, nnUNetTrainerOHEMEMA
 
-DEMO_EPOCHS = 12
+DEMO_EPOCHS = 60
 DEMO_ITERATIONS = 10
 DEMO_VAL_ITERATIONS = 2
 ENV_EPOCHS = "NNUNETV2_OHEM_DEMO_EPOCHS"
