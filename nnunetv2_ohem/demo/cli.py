@@ -1,5 +1,6 @@
 """``nnunetv2_ohem_demo``: phantoms -> conversion -> plans -> training per method -> prediction -> metrics ->
-report.html, all inside ``--out``. Reruns reuse finished steps; ``--fresh`` starts over."""
+report.html, all inside ``--out``. Reruns reuse finished steps; ``--fresh`` starts over. ``--study`` runs the
+method comparison of issue 10 §3 instead (see ``nnunetv2_ohem.demo.study``)."""
 import argparse
 import sys
 from typing import List, Optional
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--study" in argv:  # the study (issue 10 §3) has its own options: nnunetv2_ohem_demo --study --help
+        from nnunetv2_ohem.demo.study import main as study_main
+        return study_main([a for a in argv if a != "--study"])
     args = build_parser().parse_args(argv)
     try:
         cfg = DemoConfig(out=args.out, n_train=args.cases, n_test=args.test_cases, voxel_size=args.voxel_size,

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 KNOWN_METHODS = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling",
-                 "nnUNetTrainerOHEM")
+                 "nnUNetTrainerOHEM", "nnUNetTrainerOHEMEMA_DiceMining", "nnUNetTrainerOHEMEMA_CE")
 STAMP = ".nnunetv2_ohem_demo"
 OUTPUT_ENTRIES = ("phantoms", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "metrics",
                   "report", "steps", "logs", "runs.jsonl")

@@ -11,7 +11,9 @@ mirroring TTA): the demo scores held-out cases with ``nnUNetv2_predict`` instead
 validation fold would cost more than the training itself. Per-epoch pseudo Dice is still computed.
 """
 import os
+import random
 
+import numpy as np
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -19,7 +21,8 @@ from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilist
     nnUNetTrainer_probabilisticOversampling
 
 from nnunetv2_ohem.training.common import with_training_length
-from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEM, nnUNetTrainerOHEMEMA
+from nnunetv2_ohem.training.ohem import (nnUNetTrainerOHEM, nnUNetTrainerOHEMEMA, nnUNetTrainerOHEMEMA_CE,
+                                         nnUNetTrainerOHEMEMA_DiceMining)
 
 DEMO_EPOCHS = 60
 DEMO_ITERATIONS = 10
@@ -27,6 +30,11 @@ DEMO_VAL_ITERATIONS = 2
 ENV_EPOCHS = "NNUNETV2_OHEM_DEMO_EPOCHS"
 ENV_ITERATIONS = "NNUNETV2_OHEM_DEMO_ITERATIONS"
 ENV_VAL_ITERATIONS = "NNUNETV2_OHEM_DEMO_VAL_ITERATIONS"
+#: training seed (the study's repetitions): seeds Python's, NumPy's and torch's global generators when the
+#: trainer is built, i.e. before nnU-Net creates the network (initial weights) and its data loaders (case and
+#: patch choice, foreground oversampling, augmentation; with nnUNet_n_proc_DA=0 these all draw from the global
+#: NumPy/torch generators). Unset: nnU-Net's usual unseeded behaviour.
+ENV_SEED = "NNUNETV2_OHEM_DEMO_SEED"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -42,6 +50,13 @@ def _env_int(name: str, default: int) -> int:
     return parsed
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global generators nnU-Net's training draws from (network init, data loading, augmentation)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def _demo_variant(base, name: str):
     cls = with_training_length(base, name, DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS)
     fixed_init = cls.__init__
@@ -52,6 +67,10 @@ def _demo_variant(base, name: str):
         self.num_epochs = _env_int(ENV_EPOCHS, self.num_epochs)
         self.num_iterations_per_epoch = _env_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+        seed = os.environ.get(ENV_SEED)
+        if seed not in (None, ""):
+            seed_everything(int(seed))
+            self.print_to_log_file(f"Demo trainer: {ENV_SEED}={seed}")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Demo trainer: final validation skipped (the demo predicts held-out cases with "
@@ -68,6 +87,9 @@ nnUNetTrainer_probabilisticOversampling_Demo = _demo_variant(nnUNetTrainer_proba
                                                              "nnUNetTrainer_probabilisticOversampling_Demo")
 nnUNetTrainerOHEM_Demo = _demo_variant(nnUNetTrainerOHEM, "nnUNetTrainerOHEM_Demo")
 nnUNetTrainerOHEMEMA_Demo = _demo_variant(nnUNetTrainerOHEMEMA, "nnUNetTrainerOHEMEMA_Demo")
+nnUNetTrainerOHEMEMA_DiceMining_Demo = _demo_variant(nnUNetTrainerOHEMEMA_DiceMining,
+                                                     "nnUNetTrainerOHEMEMA_DiceMining_Demo")
+nnUNetTrainerOHEMEMA_CE_Demo = _demo_variant(nnUNetTrainerOHEMEMA_CE, "nnUNetTrainerOHEMEMA_CE_Demo")
 
 #: method name shown in the report -> trainer class the demo runs
 DEMO_TRAINERS = {
@@ -75,4 +97,6 @@ DEMO_TRAINERS = {
     "nnUNetTrainer_probabilisticOversampling": "nnUNetTrainer_probabilisticOversampling_Demo",
     "nnUNetTrainerOHEM": "nnUNetTrainerOHEM_Demo",
     "nnUNetTrainerOHEMEMA": "nnUNetTrainerOHEMEMA_Demo",
+    "nnUNetTrainerOHEMEMA_DiceMining": "nnUNetTrainerOHEMEMA_DiceMining_Demo",
+    "nnUNetTrainerOHEMEMA_CE": "nnUNetTrainerOHEMEMA_CE_Demo",
 }
