@@ -200,3 +200,16 @@ def test_training_seed_is_reproducible():
     seed_everything(6)
     c = np.random.randint(0, 10 ** 6)
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2] and c != a[0]
+
+
+def test_selection_plot_reads_ohem_diagnostics(tmp_path):
+    cfg = StudyConfig(out=str(tmp_path), methods=("nnUNetTrainer", "nnUNetTrainerOHEMEMA_DiceMining"),
+                      budgets=("iterations",), seeds=(0, 1))
+    assert not study.plot_selection(cfg, str(tmp_path / "none.png")) and not (tmp_path / "none.png").exists()
+    d = os.path.join(study._run_dir(cfg, "iterations", "nnUNetTrainerOHEMEMA_DiceMining", 1), "nnUNet_results",
+                     "Dataset942_X", "T__P__3d_fullres", "fold_0")
+    os.makedirs(d)
+    with open(os.path.join(d, "ohem_diagnostics.json"), "w") as f:
+        json.dump({"ohem_fg_fraction_selected": [0.0, 0.5, 1.0], "ohem_fg_fraction_candidates": [0.3, 0.3, 0.3]}, f)
+    assert study.plot_selection(cfg, str(tmp_path / "sel.png"))
+    assert os.path.getsize(tmp_path / "sel.png") > 1000

@@ -315,7 +315,10 @@ def run_study(cfg: StudyConfig) -> Dict:
         run_all(time_jobs, "study: equal wall time")
     if "iterations" not in cfg.budgets:
         rows = [r for r in rows if r["budget"] != "iterations"]
-    results = pd.DataFrame(rows).sort_values(["budget", "method", "seed"], kind="stable")
+    order = {m: i for i, m in enumerate(cfg.methods)}  # tables list the methods in the order given
+    results = pd.DataFrame(rows)
+    results = results.assign(_o=results["method"].map(order)).sort_values(["budget", "_o", "seed"],
+                                                                           kind="stable").drop(columns="_o")
     seconds = time.time() - t0
     # a rerun that only reuses finished runs (e.g. to add --notes) keeps the wall time of the run that computed
     timing_path = os.path.join(cfg.out, "timing.json")
@@ -364,6 +367,46 @@ def plot_results(results: pd.DataFrame, path: str, methods: Sequence[str]) -> No
     os.replace(tmp, path)
 
 
+def plot_selection(cfg: StudyConfig, path: str) -> bool:
+    """Mining diagnostics of the equal-iteration OHEM runs: foreground share of the selected patches per epoch
+    (one line per seed, one colour per ranking error) against that of all candidates. False when no OHEM run
+    left diagnostics."""
+    import glob
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    found, candidates = False, []
+    for k, method in enumerate(cfg.methods):
+        for seed in cfg.seeds:
+            files = glob.glob(os.path.join(_run_dir(cfg, "iterations", method, seed), "nnUNet_results", "*", "*",
+                                           "fold_0", "ohem_diagnostics.json"))
+            if not files:
+                continue
+            with open(files[0]) as f:
+                d = json.load(f)
+            ax.plot(d["ohem_fg_fraction_selected"], color=f"C{k}", alpha=0.75, lw=1.2,
+                    label=METHOD_LABELS.get(method, method) if not found or seed == cfg.seeds[0] else None)
+            candidates.append(d["ohem_fg_fraction_candidates"])
+            found = True
+    if found:
+        n = min(len(c) for c in candidates)
+        ax.plot(np.mean([c[:n] for c in candidates], axis=0), "k--", lw=1.5, label="all candidates (mean)")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("share of patches with lesion voxels")
+        ax.set_title("OHEM-EMA: patches selected for training, per ranking error (one line per seed)", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path + ".part.png"
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    plt.close(fig)
+    return found
+
+
 def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str) -> None:
     os.makedirs(cfg.docs, exist_ok=True)
     _atomic_write(os.path.join(cfg.docs, "results.csv"), results.to_csv(index=False, float_format="%.4g"))
@@ -373,6 +416,7 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
     diffs = paired_differences(written, cfg.reference)
     methods = [m for m in cfg.methods if m in set(written["method"])]
     plot_results(written, os.path.join(cfg.docs, "study.png"), methods)
+    has_selection = plot_selection(cfg, os.path.join(cfg.docs, "selection.png"))
     machine = "2-core x86_64 CPU, no GPU" if device == "cpu" else device
     lines = [
         "# Study: OHEM-EMA vs plain training and oversampling on MSSEG-II-like phantoms", "",
@@ -395,6 +439,7 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
         *[f"| {r['budget']} | {METHOD_LABELS.get(r['method'], r['method'])} | {r['n']} | "
           f"{_fmt(r['mean'], r['lo'], r['hi'])} |" for _, r in diffs.iterrows()], "",
         "![study](study.png)", "",
+        *(["![patches selected by OHEM-EMA](selection.png)", ""] if has_selection else []),
         "Per-run rows (with sensitivity, PPV, FP volume, epoch counts and times): [results.csv](results.csv).", "",
     ]
     if cfg.notes:
