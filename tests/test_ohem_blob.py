@@ -12,12 +12,12 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_ohem.losses.blob import blob_loss, per_sample_blob_error
 from nnunetv2_ohem.mining import per_sample_error, unwrap_model
 from nnunetv2_ohem.training import ohem_blob
 from nnunetv2_ohem.training.ohem_blob import blob_ranking_error
+from ohem_helpers import train_step_capturing_subbatch
 
 
 def loop_blob_error(logits, instances, activation, weight_dice=1.0, weight_bce=1.0, smooth=1e-5):
@@ -137,22 +137,11 @@ def test_train_step_trains_top_b_by_blob_error_moves_ema_and_uses_blob_loss(trai
     ref = np.asarray(ref)
     assert len(np.unique(np.round(ref, 6))) == n_cand  # distinct errors: the top-B set is unambiguous
 
-    seen = {}
-    parent = nnUNetTrainer.train_step
-
-    def spy(self, sub):
-        seen["batch"] = sub
-        return parent(self, sub)
-
-    monkeypatch.setattr(nnUNetTrainer, "train_step", spy)
-    tr.on_train_epoch_start()
-    result = tr.train_step(batch)
-    monkeypatch.setattr(nnUNetTrainer, "train_step", parent)
+    result, trained = train_step_capturing_subbatch(tr, batch, monkeypatch)
 
     np.testing.assert_allclose(tr.last_selection["errors"].numpy(), ref, rtol=1e-4, atol=1e-5)
     expected = sorted(np.argsort(-ref, kind="stable")[:b].tolist())
     assert tr.last_selection["indices"].tolist() == expected
-    trained = seen["batch"]
     assert torch.equal(trained["data"], data[expected])
     # every scale's target travels with its patch: label AND instance channels
     assert len(trained["target"]) == len(target)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -16,6 +15,7 @@ from nnunetv2_ohem.mining import unwrap_model
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet, paper_arch_kwargs
 from nnunetv2_ohem.networks.norms import GroupNorm
 from nnunetv2_ohem.training import ohem
+from ohem_helpers import train_step_capturing_subbatch
 
 PAPER_DATASET_ID = 901
 
@@ -45,18 +45,8 @@ def one_checked_step(tr, monkeypatch):
             out = miner_before(data[i:i + 1])
             tgt = [t[i:i + 1] for t in target] if isinstance(target, list) else target[i:i + 1]
             ref.append(float(tr.loss(out, tgt)))
-    seen = {}
-    parent = nnUNetTrainer.train_step
-
-    def spy(self, b):
-        seen["batch"] = b
-        return parent(self, b)
-
-    monkeypatch.setattr(nnUNetTrainer, "train_step", spy)
-    tr.on_train_epoch_start()
-    result = tr.train_step(batch)
-    monkeypatch.setattr(nnUNetTrainer, "train_step", parent)
-    return batch, seen["batch"], miner_before, result, np.asarray(ref)
+    result, trained = train_step_capturing_subbatch(tr, batch, monkeypatch)
+    return batch, trained, miner_before, result, np.asarray(ref)
 
 
 def assert_trained_on_top_b_and_ema(tr, batch, trained, miner_before, ref):
