@@ -121,6 +121,11 @@ def plot_training_curves(logs: Dict[str, Dict[str, List[float]]], path: str) -> 
     axes[0].set(xlabel="epoch", ylabel="loss (nnU-Net DC+CE)", title="Loss")
     axes[1].set(xlabel="epoch", ylabel="Dice on validation patches", title="Pseudo Dice (nnU-Net)", ylim=(-0.02, 1))
     axes[2].set(xlabel="wall time since start (s)", ylabel="train loss", title="Train loss vs wall time")
+    _finish(fig, axes, path)
+
+
+def _finish(fig, axes, path: str) -> None:
+    """Grid and (when anything is labelled) a legend on every axis, then save."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -149,11 +154,7 @@ def plot_mining(diags: Dict[str, Dict], path: str) -> None:
     axes[1].set(xlabel="epoch", ylabel="share of patches with lesion", title="Mining: foreground share",
                 ylim=(-0.05, 1.05))
     axes[2].set(xlabel="epoch", ylabel="mean |p_miner - p_online|", title="Miner vs online network")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish(fig, axes, path)
 
 
 def _read(path: str) -> np.ndarray:
