@@ -10,14 +10,15 @@ import time
 
 import numpy as np
 
-from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig, _template_1mm, make_msseg2_subject
+from nnunetv2_ohem.phantoms.anatomy import template_1mm
+from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig, make_msseg2_subject
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    _template_1mm()  # nilearn load, shared by all sizes
+    template_1mm()  # nilearn load, shared by all sizes
     result = {"benchmark": "phantoms", "machine": platform.machine(), "repeats": args.repeats}
     for v in (1.0, 2.0, 3.0):
         cfg = MSSEG2PhantomConfig(voxel_size=v)

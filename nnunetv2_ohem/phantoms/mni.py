@@ -20,22 +20,20 @@ copies (missed lesions, dilated/eroded borders, an old lesion mistaken for a new
 have something to disagree on. Same seed and config give the same bytes; subject ``i`` depends only on
 ``(seed, i)``, so adding subjects leaves earlier ones unchanged.
 """
-import heapq
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Dict, List, Sequence, Tuple
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-# FLAIR-like tissue intensities (arbitrary units, WM = 1): GM brighter than WM, CSF suppressed.
-FLAIR_CONTRAST = {"gm": 1.35, "wm": 1.0, "csf": 0.25}
-INTENSITY_SCALE = 400.0  # gives scanner-like magnitudes; nnU-Net z-normalises anyway
+from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, atomic_output_dir, bias_field,
+                                            draw_volume, lesion_free_indices, place_blobs, rician_noise,
+                                            save_nifti, subject_anatomy)
+
+FLAIR_CONTRAST = TISSUE_CONTRAST["flair"]
 
 
 @dataclass(frozen=True)
@@ -93,156 +91,6 @@ class PhantomSubject:
         return float(abs(np.linalg.det(self.affine[:3, :3])))
 
 
-@lru_cache(maxsize=1)
-def _template_1mm() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(gm, wm, brain, affine) of nilearn's packaged MNI152 templates at 1 mm, float32."""
-    from nilearn import datasets
-
-    gm_img = datasets.load_mni152_gm_template(resolution=1)
-    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
-    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32)
-    gm = gm_img.get_fdata(dtype=np.float32)
-    return np.clip(gm, 0, 1), np.clip(wm, 0, 1), np.clip(brain, 0, 1), np.asarray(gm_img.affine)
-
-
-@lru_cache(maxsize=4)
-def _template_smoothed(voxel_size: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Templates low-pass filtered before resampling to ``voxel_size`` so downsampling does not alias."""
-    gm, wm, brain, affine = _template_1mm()
-    if voxel_size <= 1.0:
-        return gm, wm, brain, affine
-    sigma = 0.42 * (voxel_size - 1.0) + 1e-3  # ~FWHM of a voxel_size box, minus the template's own 1 mm
-    return (ndimage.gaussian_filter(gm, sigma), ndimage.gaussian_filter(wm, sigma),
-            ndimage.gaussian_filter(brain, sigma), affine)
-
-
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    cx, cy, cz = np.cos(angles_rad)
-    sx, sy, sz = np.sin(angles_rad)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _subject_anatomy(rng: np.random.Generator, cfg: MSSEG2PhantomConfig):
-    """Resample GM/WM/brain through one random similarity transform onto the subject's cropped grid.
-
-    Output voxel o maps to world ``x = A_out o`` and to template voxel ``A_tpl^-1 (c + S R (x - c))`` with
-    c the brain centre: the subject's brain is the template rotated by R^T and scaled by 1/S about c.
-    """
-    gm, wm, brain, tpl_affine = _template_smoothed(float(cfg.voxel_size))
-    v = float(cfg.voxel_size)
-    idx = np.argwhere(brain > 0.5)
-    lo_w = (tpl_affine @ np.r_[idx.min(0), 1])[:3]
-    hi_w = (tpl_affine @ np.r_[idx.max(0), 1])[:3]
-    centre = (lo_w + hi_w) / 2
-    rot = _rotation(np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3)))
-    scale = 1.0 + rng.uniform(-cfg.max_scale, cfg.max_scale)
-    shift = rng.uniform(-cfg.max_shift_mm, cfg.max_shift_mm, 3)
-    margin_lo = rng.uniform(*cfg.crop_margin_mm, 3)
-    margin_hi = rng.uniform(*cfg.crop_margin_mm, 3)
-    # the rotated/scaled brain fits into the box grown by its half-diagonal change; margins crop randomly
-    half = (hi_w - lo_w) / 2 * (1 + cfg.max_scale) + np.abs(shift)
-    start = centre - half - margin_lo
-    shape = tuple(int(np.ceil(s)) for s in (2 * half + margin_lo + margin_hi) / v)
-    out_affine = np.diag([v, v, v, 1.0])
-    out_affine[:3, 3] = start
-    # output voxel -> world -> template world -> template voxel, as one affine
-    m_world = np.eye(4)
-    m_world[:3, :3] = scale * rot
-    m_world[:3, 3] = centre - scale * rot @ (centre + shift)
-    full = np.linalg.inv(tpl_affine) @ m_world @ out_affine
-    mats = [ndimage.affine_transform(a, full[:3, :3], full[:3, 3], output_shape=shape, order=1, mode="constant",
-                                     cval=0.0, prefilter=False) for a in (gm, wm, brain)]
-    gm_s, wm_s, brain_s = (np.clip(m, 0, 1).astype(np.float32) for m in mats)
-    return gm_s, wm_s, brain_s, out_affine
-
-
-def _grow_blob(rng: np.random.Generator, allowed: np.ndarray, centre: Tuple[int, int, int], n_voxels: int,
-               voxel_size: float) -> Optional[np.ndarray]:
-    """Indices (n, 3) of a 6-connected blob of exactly ``n_voxels`` voxels grown from ``centre`` inside
-    ``allowed``, ordered by a random anisotropic ellipsoidal distance (axis ratio up to 2, random
-    orientation) plus jitter for an irregular border; None when ``allowed`` holds too few reachable voxels."""
-    axes = rng.uniform(1.0, 2.0, 3)
-    rot = _rotation(rng.uniform(0, np.pi, 3))
-    metric = rot @ np.diag(1.0 / axes ** 2) @ rot.T
-    c = np.asarray(centre)
-    heap = [(0.0, tuple(c))]
-    seen = {tuple(c)}
-    out = []
-    shape = allowed.shape
-    steps = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
-    while heap and len(out) < n_voxels:
-        _, p = heapq.heappop(heap)
-        out.append(p)
-        for d in steps:
-            q = (p[0] + d[0], p[1] + d[1], p[2] + d[2])
-            if q in seen or not (0 <= q[0] < shape[0] and 0 <= q[1] < shape[1] and 0 <= q[2] < shape[2]):
-                continue
-            seen.add(q)
-            if allowed[q]:
-                diff = (np.asarray(q) - c) * voxel_size
-                heapq.heappush(heap, (float(diff @ metric @ diff) * rng.uniform(0.8, 1.25), q))
-    return np.asarray(out, dtype=np.int64) if len(out) == n_voxels else None
-
-
-def _draw_volume(rng: np.random.Generator, cfg: MSSEG2PhantomConfig) -> float:
-    lo, hi = cfg.large_lesion_volume_mm3 if rng.random() < cfg.large_lesion_fraction else cfg.lesion_volume_mm3
-    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-
-
-def _place_lesions(rng: np.random.Generator, cfg: MSSEG2PhantomConfig, n: int, wm_mask: np.ndarray,
-                   brain_mask: np.ndarray, occupied: np.ndarray, instance: np.ndarray, first_id: int) -> List[Dict]:
-    """Place ``n`` non-touching lesions (26-neighbourhood kept free) and write their ids into ``instance``."""
-    v = float(cfg.voxel_size)
-    wm_idx = np.argwhere(wm_mask)
-    brain_idx = np.argwhere(brain_mask)
-    lesions: List[Dict] = []
-    tries = 0
-    while len(lesions) < n and tries < 50 * max(n, 1):
-        tries += 1
-        in_wm = bool(rng.random() < cfg.wm_fraction)
-        region = wm_mask if in_wm else brain_mask
-        pool = wm_idx if in_wm else brain_idx
-        volume = _draw_volume(rng, cfg)
-        n_vox = max(1, int(round(volume / v ** 3)))
-        centre = tuple(int(i) for i in pool[rng.integers(len(pool))])
-        blob = _grow_blob(rng, region & ~occupied, centre, n_vox, v)
-        if blob is None:
-            continue
-        lesion_id = first_id + len(lesions)
-        instance[tuple(blob.T)] = lesion_id
-        # keep the 26-neighbourhood free so lesions stay separate connected components
-        for off in np.argwhere(np.ones((3, 3, 3), bool)) - 1:
-            q = np.clip(blob + off, 0, np.asarray(occupied.shape) - 1)
-            occupied[tuple(q.T)] = True
-        lesions.append({"id": lesion_id, "centre_voxel": list(centre), "n_voxels": int(n_vox),
-                        "volume_mm3": float(n_vox * v ** 3), "target_volume_mm3": volume, "in_wm_only": in_wm})
-    return lesions
-
-
-def _bias_field(rng: np.random.Generator, shape: Tuple[int, ...], amplitude: float) -> np.ndarray:
-    """exp of a random sum of a few low-frequency cosines, scaled to +-``amplitude`` (multiplicative)."""
-    grids = np.meshgrid(*[np.linspace(0, 1, s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
-    log_field = np.zeros(shape, np.float32)
-    for _ in range(4):
-        freq = rng.uniform(0.3, 1.2, 3)
-        phase = rng.uniform(0, 2 * np.pi, 3)
-        term = 1.0
-        for g, f, p in zip(grids, freq, phase):
-            term = term * np.cos(np.pi * f * g + p)
-        log_field += rng.normal() * term
-    peak = np.abs(log_field).max()
-    return np.exp(amplitude * log_field / max(peak, 1e-6)).astype(np.float32)
-
-
-def _rician(rng: np.random.Generator, img: np.ndarray, sigma: float) -> np.ndarray:
-    n1 = rng.normal(0, sigma, img.shape).astype(np.float32)
-    n2 = rng.normal(0, sigma, img.shape).astype(np.float32)
-    return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
-
-
 def _perturb_expert(rng: np.random.Generator, new_instance: np.ndarray, old_instance: np.ndarray,
                     brain_mask: np.ndarray) -> np.ndarray:
     """A rater's mask: each new lesion missed with p=0.15, else its border dilated (p=0.25) or eroded
@@ -270,7 +118,8 @@ def make_msseg2_subject(seed: int, index: int, config: MSSEG2PhantomConfig = MSS
     """Generate subject ``index`` of the set with ``seed`` (RNG seeded by ``(seed, index)``)."""
     cfg = config
     rng = np.random.default_rng([int(seed), int(index)])
-    gm, wm, brain, affine = _subject_anatomy(rng, cfg)
+    gm, wm, brain, affine = subject_anatomy(rng, cfg.voxel_size, cfg.max_rotation_deg, cfg.max_scale,
+                                           cfg.max_shift_mm, cfg.crop_margin_mm)
     brain_mask = brain > 0.5
     wm_mask = (wm > 0.5) & brain_mask
     csf = np.clip(brain - gm - wm, 0, 1)
@@ -279,10 +128,14 @@ def make_msseg2_subject(seed: int, index: int, config: MSSEG2PhantomConfig = MSS
     occupied = np.zeros(base.shape, bool)
     old_instance = np.zeros(base.shape, np.int32)
     new_instance = np.zeros(base.shape, np.int32)
+    volume = partial(draw_volume, volume_mm3=cfg.lesion_volume_mm3, large_fraction=cfg.large_lesion_fraction,
+                     large_volume_mm3=cfg.large_lesion_volume_mm3)
+    place = partial(place_blobs, voxel_size=cfg.voxel_size, volume=volume, wm_fraction=cfg.wm_fraction,
+                    wm_mask=wm_mask, brain_mask=brain_mask, occupied=occupied, first_id=1)
     n_old = int(rng.integers(cfg.n_old_lesions[0], cfg.n_old_lesions[1] + 1))
-    old = _place_lesions(rng, cfg, n_old, wm_mask, brain_mask, occupied, old_instance, 1)
+    old = place(rng, n_old, instance=old_instance)
     n_new = 0 if lesion_free else int(rng.integers(max(1, cfg.n_new_lesions[0]), cfg.n_new_lesions[1] + 1))
-    new = _place_lesions(rng, cfg, n_new, wm_mask, brain_mask, occupied, new_instance, 1)
+    new = place(rng, n_new, instance=new_instance)
 
     def with_lesions(img, instance):
         # partial-volume edge: blend towards the lesion intensity with a slightly blurred occupancy
@@ -298,32 +151,14 @@ def make_msseg2_subject(seed: int, index: int, config: MSSEG2PhantomConfig = MSS
     images = []
     for img in (time1, time2):
         gain = rng.uniform(0.95, 1.05)
-        img = img * _bias_field(rng, img.shape, cfg.bias_amplitude) * gain
-        img = _rician(rng, img, cfg.noise_sigma)
+        img = img * bias_field(rng, img.shape, cfg.bias_amplitude) * gain
+        img = rician_noise(rng, img, cfg.noise_sigma)
         images.append((img * INTENSITY_SCALE).astype(np.float32))
     experts = [_perturb_expert(rng, new_instance, old_instance, brain_mask) for _ in range(cfg.n_experts)]
     for les in new:
         les["in_wm_fraction"] = float(wm_mask[new_instance == les["id"]].mean())
     return PhantomSubject(images[0], images[1], (new_instance > 0).astype(np.uint8), experts, brain_mask, wm_mask,
                           (old_instance > 0).astype(np.uint8), affine, new)
-
-
-def lesion_free_indices(n_subjects: int, seed: int, fraction: float, split: int = 0) -> List[int]:
-    """``round(n_subjects * fraction)`` subject indices (at least one when ``fraction > 0`` and there are two or
-    more subjects, so every split shows the false-positive case), drawn by ``(seed, split)``, that get no new
-    lesion."""
-    n_free = int(round(n_subjects * fraction))
-    if fraction > 0 and n_subjects >= 2:
-        n_free = max(1, n_free)
-    order = np.random.default_rng([int(seed), 1_000_003, int(split)]).permutation(n_subjects)
-    return sorted(int(i) for i in order[:n_free])
-
-
-def _save(arr: np.ndarray, affine: np.ndarray, path: str) -> None:
-    img = nib.Nifti1Image(arr, affine)
-    img.header.set_xyzt_units("mm")
-    # nibabel writes gzip with mtime 0, so equal arrays give equal bytes
-    nib.save(img, path)
 
 
 def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
@@ -345,14 +180,7 @@ def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     last = first_id + n_subjects + n_test - 1
     if first_id < 0 or last > 999:
         raise ValueError(f"subject ids {first_id}..{last} do not fit in 3 digits")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".phantoms_tmp_", dir=parent)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         free = set(lesion_free_indices(n_subjects, seed, config.lesion_free_fraction))
         free |= {n_subjects + j for j in lesion_free_indices(n_test, seed, config.lesion_free_fraction, split=1)}
         manifest = {"generator": "nnunetv2_ohem.phantoms.mni.write_msseg2_phantoms", "seed": seed,
@@ -367,22 +195,16 @@ def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
             split = "training" if i < n_subjects else "testing"
             folder = os.path.join(tmp, split, sid)
             os.makedirs(folder)
-            _save(sub.flair_time01, sub.affine, os.path.join(folder, "flair_time01_on_middle_space.nii.gz"))
-            _save(sub.flair_time02, sub.affine, os.path.join(folder, "flair_time02_on_middle_space.nii.gz"))
-            _save(sub.ground_truth, sub.affine, os.path.join(folder, "ground_truth.nii.gz"))
+            save_nifti(sub.flair_time01, sub.affine, os.path.join(folder, "flair_time01_on_middle_space.nii.gz"))
+            save_nifti(sub.flair_time02, sub.affine, os.path.join(folder, "flair_time02_on_middle_space.nii.gz"))
+            save_nifti(sub.ground_truth, sub.affine, os.path.join(folder, "ground_truth.nii.gz"))
             for k, expert in enumerate(sub.experts, start=1):
-                _save(expert, sub.affine, os.path.join(folder, f"ground_truth_expert{k}.nii.gz"))
+                save_nifti(expert, sub.affine, os.path.join(folder, f"ground_truth_expert{k}.nii.gz"))
             manifest["subjects"][sid] = {"index": i, "split": split, "lesion_free": i in free,
                                          "shape": list(sub.ground_truth.shape), "new_lesions": sub.lesions}
         with open(os.path.join(tmp, "phantom_manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def phantom_config_from_dict(values: Dict) -> MSSEG2PhantomConfig:
