@@ -92,6 +92,7 @@ setup(
             "nnunetv2_ohem_convert=nnunetv2_ohem.dataset_conversion.cli:main",
             "nnunetv2_ohem_evaluate=nnunetv2_ohem.evaluation.cli:main",
             "nnunetv2_ohem_plan=nnunetv2_ohem.plans.cli:main",
+            "nnunetv2_ohem_phantoms=nnunetv2_ohem.phantoms.cli:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
