@@ -53,7 +53,8 @@ def _evaluate_masks(kind: str, ref: Mask, pred: Mask, metric: Dict) -> Dict:
         allowed = (0, 1, 2, 3, 4) if year == "auto" else brats.ALLOWED_LABELS[year]
         for m, what in ((ref, "reference"), (pred, "prediction")):
             require_labels(m, allowed, f"a BraTS {what} in convention '{year}'")
-        return brats.evaluate_brats_arrays(ref.array, pred.array, ref.spacing, year, metric["empty_penalty_mm"])
+        return brats.evaluate_brats_arrays(ref.array, pred.array, ref.spacing, year, metric["empty_penalty_mm"],
+                                           metric["lesion_wise"])
     n = metric["num_classes"]
     if n is not None:
         for m, what in ((ref, "reference"), (pred, "prediction")):

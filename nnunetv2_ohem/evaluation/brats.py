@@ -19,10 +19,11 @@ of the 240×240×155 BraTS volume at 1 mm (sqrt(240² + 240² + 155²)), i.e. th
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunetv2_ohem.evaluation.brats_lesionwise import lesion_wise_parameters, lesion_wise_scores
 from nnunetv2_ohem.evaluation.distances import dice, hd95
 from nnunetv2_ohem.evaluation.lesions import EvaluationError, check_same_shape
 
@@ -35,7 +36,7 @@ CONVENTIONS: Dict[str, Dict[str, Tuple[int, ...]]] = {
 }
 ALLOWED_LABELS = {"2021": (0, 1, 2, 4), "2023": (0, 1, 2, 3), "nnunet": (0, 1, 2, 3)}
 YEARS = ("auto", "2020", "2021", "2023", "nnunet")
-DEFAULTS = dict(year="auto", empty_penalty_mm=HD95_EMPTY_PENALTY_MM)
+DEFAULTS = dict(year="auto", empty_penalty_mm=HD95_EMPTY_PENALTY_MM, lesion_wise=None)
 
 
 def normalise_year(year: str) -> str:
@@ -75,9 +76,16 @@ def region_dice_hd95(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]
 
 
 def evaluate_brats_arrays(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], year: str = "auto",
-                          empty_penalty_mm: float = HD95_EMPTY_PENALTY_MM) -> Dict[str, object]:
-    """One case: ``dice_WT/TC/ET``, ``hd95_WT/TC/ET`` and the label convention used."""
+                          empty_penalty_mm: float = HD95_EMPTY_PENALTY_MM,
+                          lesion_wise: Optional[str] = None) -> Dict[str, object]:
+    """One case: ``dice_WT/TC/ET``, ``hd95_WT/TC/ET`` and the label convention used.
+
+    ``lesion_wise`` (a BraTS 2023 sub-challenge: GLI, SSA, PED, MEN, MET) adds the lesion-wise ranking
+    metrics per region (``brats_lesionwise``): ``lw_dice_R``, ``lw_hd95_R`` and the lesion counts
+    ``lw_tp_R``, ``lw_fn_R``, ``lw_fp_R``.
+    """
     check_same_shape(ref, pred)
+    params = lesion_wise_parameters(lesion_wise) if lesion_wise else None
     year = normalise_year(year)
     if year == "auto":
         year = detect_convention([np.unique(ref), np.unique(pred)])
@@ -87,5 +95,10 @@ def evaluate_brats_arrays(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[f
         d, h = region_dice_hd95(rm[r], pm[r], spacing, empty_penalty_mm)
         row[f"dice_{r}"] = d
         row[f"hd95_{r}"] = h
+    if params is not None:
+        for r in REGIONS:
+            lw = lesion_wise_scores(rm[r], pm[r], spacing, *params)
+            row.update({f"lw_dice_{r}": lw.dice, f"lw_hd95_{r}": lw.hd95, f"lw_tp_{r}": lw.n_tp,
+                        f"lw_fn_{r}": lw.n_fn, f"lw_fp_{r}": lw.n_fp})
     row["label_convention"] = year
     return row

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "nnunet = Dataset137 (1 ED, 2 NCR, 3 ET); auto: 2021 if a 4 occurs, else nnunet")
             p.add_argument("--empty_penalty_mm", type=float, default=373.1287,
                            help="HD95 when exactly one of reference/prediction is empty")
+            p.add_argument("--lesion_wise", default=None, choices=["GLI", "SSA", "PED", "MEN", "MET"],
+                           help="add BraTS 2023 lesion-wise Dice/HD95 (ranking metrics) with this "
+                                "sub-challenge's dilation and minimum lesion volume")
         else:
             p.add_argument("--num_classes", type=int, default=None, help="default: max label + 1")
     return parser
@@ -67,6 +70,8 @@ def format_table(df, agg: dict, kind: str) -> str:
     import pandas as pd
 
     cols = ["case"] + [c for c in TABLE_COLUMNS[kind] if c in df.columns]
+    if kind == "brats":
+        cols += [f"lw_{m}_{r}" for m in ("dice", "hd95") for r in ("WT", "TC", "ET") if f"lw_{m}_{r}" in df.columns]
     if kind == "segmentation":
         cols += [c for c in df.columns if c.startswith("dice_")]
     table = df[cols].copy()
