@@ -1,5 +1,7 @@
 """Blob-loss trainers on the tiny phantom dataset: instance maps in nnU-Net's pipeline, the loss the trainer
-computes, the VALDO configuration, input checks, and one stock-CLI run per trainer."""
+computes, the VALDO configuration, input checks, and one stock-CLI run per trainer (the VALDO trainer's on
+VALDO-like MNI152 phantoms: T1/T2/FLAIR, tiny lacunes and unlabelled perivascular spaces, converted by our
+VALDO converter as real data would be)."""
 import glob
 import os
 
@@ -15,6 +17,26 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_ohem.losses.blob import blob_loss
+
+from conftest import TinyDataset
+
+VALDO_PHANTOM_ID = 945
+
+
+@pytest.fixture(scope="module")
+def valdo_dataset(nnunet_env, tmp_path_factory) -> TinyDataset:
+    """Five labelled VALDO-like phantoms at 3 mm (+1 without rater mask -> imagesTs), converted with
+    ``convert_valdo`` and planned with the tiny plans."""
+    from nnunetv2_ohem.dataset_conversion.valdo import convert_valdo
+    from nnunetv2_ohem.phantoms.valdo import VALDOPhantomConfig, write_valdo_phantoms
+    from nnunetv2_ohem.plans.tiny import plan_and_preprocess_tiny
+
+    source = write_valdo_phantoms(str(tmp_path_factory.mktemp("valdo") / "VALDO_Task3"), n_subjects=5, seed=0,
+                                  config=VALDOPhantomConfig(voxel_size=3.0), n_unlabelled=1)
+    raw = convert_valdo(source, VALDO_PHANTOM_ID, name="VALDOPhantom", raw_dir=nnunet_env["nnUNet_raw"])
+    plans = plan_and_preprocess_tiny(VALDO_PHANTOM_ID, configurations=("3d_fullres",), num_processes=1)
+    name = os.path.basename(raw)
+    return TinyDataset(VALDO_PHANTOM_ID, name, raw, plans, os.path.join(nnunet_env["nnUNet_preprocessed"], name))
 
 
 def make_trainer(ds, cls_name, configuration="3d_fullres"):
@@ -153,8 +175,8 @@ def test_valdo_configuration(tiny_dataset, monkeypatch):
 # the VALDO trainer (Mish + dropout built statically at predict time) is also predicted here, to save ~30 s
 @pytest.mark.parametrize("trainer_name,predict", [("nnUNetTrainerBlobLoss_Debug", False),
                                                   ("nnUNetTrainerBlobLoss_VALDO_Debug", True)])
-def test_stock_cli_train_and_predict(tiny_dataset, cli, tmp_path, nnunet_env, trainer_name, predict):
-    ds = tiny_dataset
+def test_stock_cli_train_and_predict(request, cli, tmp_path, nnunet_env, trainer_name, predict):
+    ds = request.getfixturevalue("valdo_dataset" if "VALDO" in trainer_name else "tiny_dataset")
     cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "0", "-tr", trainer_name,
          "-p", ds.plans_identifier, "-device", "cpu"])
     fold = os.path.join(nnunet_env["nnUNet_results"], ds.name, f"{trainer_name}__{ds.plans_identifier}__3d_fullres",
