@@ -41,18 +41,33 @@ def test_year_only_for_brats(capsys, tmp_path):
     assert "--year applies to brats" in capsys.readouterr().err
 
 
-def test_cli_writes_the_same_bytes_as_the_api(tmp_path, capsys):
-    cfg = MSSEG2PhantomConfig(voxel_size=3.0, n_experts=1)
-    api = write_msseg2_phantoms(str(tmp_path / "api"), n_subjects=1, seed=7, config=cfg, n_test=1)
-    assert main(["msseg2", str(tmp_path / "cli"), "-n", "1", "--extra", "1", "--seed", "7", "--voxel-size", "3",
-                 "--set", "n_experts=1", "--no-progress"]) == 0
-    assert "nnunetv2_ohem_convert msseg2" in capsys.readouterr().out
-    for split, sid in (("training", "001"), ("testing", "002")):
-        names = sorted(os.listdir(os.path.join(api, split, sid)))
-        assert names == sorted(os.listdir(tmp_path / "cli" / split / sid))
-        match, mismatch, errors = filecmp.cmpfiles(os.path.join(api, split, sid), tmp_path / "cli" / split / sid,
-                                                   names, shallow=False)
-        assert mismatch == [] and errors == []
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+@pytest.mark.parametrize("kind", ["msseg2", "valdo", "brats"])
+def test_cli_writes_the_same_bytes_as_the_api(kind, tmp_path, capsys):
+    from nnunetv2_ohem.phantoms import brats, valdo
+
+    api_calls = {
+        "msseg2": lambda out: write_msseg2_phantoms(out, n_subjects=1, seed=7, n_test=1,
+                                                    config=MSSEG2PhantomConfig(voxel_size=3.0, n_experts=1)),
+        "valdo": lambda out: valdo.write_valdo_phantoms(out, n_subjects=1, seed=7, n_unlabelled=1,
+                                                        config=valdo.VALDOPhantomConfig(voxel_size=3.0)),
+        "brats": lambda out: brats.write_brats_phantoms(out, n_subjects=1, seed=7, n_validation=1, year=2023,
+                                                        config=brats.BraTSPhantomConfig(voxel_size=3.0)),
+    }
+    extra = {"msseg2": ["--set", "n_experts=1"], "valdo": [], "brats": ["--year", "2023"]}[kind]
+    api = api_calls[kind](str(tmp_path / "api"))
+    assert main([kind, str(tmp_path / "cli"), "-n", "1", "--extra", "1", "--seed", "7", "--voxel-size", "3",
+                 "--no-progress", *extra]) == 0
+    assert f"nnunetv2_ohem_convert {kind}" in capsys.readouterr().out
+    names = _tree(api)
+    assert names == _tree(tmp_path / "cli") and len(names) >= 5
+    if kind == "brats":
+        assert any(n.endswith("-t2f.nii.gz") for n in names)  # the 2023 names
+    match, mismatch, errors = filecmp.cmpfiles(api, tmp_path / "cli", names, shallow=False)
+    assert mismatch == [] and errors == []
     # a second run refuses to overwrite without --overwrite
-    assert main(["msseg2", str(tmp_path / "cli"), "-n", "1", "--no-progress"]) == 1
+    assert main([kind, str(tmp_path / "cli"), "-n", "1", "--no-progress"]) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err
