@@ -1,67 +1,44 @@
-"""A BraTS-like region phantom (4 channels, nested labels 1 ⊃ 2 ⊃ 3 → regions WT/TC/ET) with tiny BTRSeg plans.
+"""A BraTS-like region dataset (4 channels, nested labels 1 ⊃ 2 ⊃ 3 → regions WT/TC/ET) with tiny BTRSeg plans.
 
-Follows nnU-Net's Dataset137 convention: channels t1, t1ce, t2, flair; labels whole tumour (1,2,3), tumour
-core (2,3), enhancing tumour (3) with ``regions_class_order`` (1, 2, 3). The "brain" sits in a zero background
-so nnU-Net crops to it and the BTRSeg scheme's brain mask is non-trivial.
+The cases are our BraTS phantoms (``nnunetv2_ohem.phantoms.brats``: MNI anatomy, a glioma with edema around
+an enhancing shell around necrosis, skull-stripped T1/T1ce/T2/FLAIR) written in the BraTS 2021 layout and
+converted by our BraTS converter, so the dataset is what a user gets from real BraTS: nnU-Net's Dataset137
+convention, channels T1, T1ce, T2, FLAIR, labels whole tumour (1,2,3), tumour core (2,3), enhancing tumour
+(3) with ``regions_class_order`` (1, 2, 3). The brain sits in a zero background, so nnU-Net crops to it and
+the BTRSeg scheme's brain mask is non-trivial.
 """
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 
 REGION_DATASET_ID = 920
 REGION_DATASET_NAME = f"Dataset{REGION_DATASET_ID:03d}_BraTSPhantom"
 
 
-def _ellipsoid(shape, centre, radii):
-    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
-
-
-def make_region_case(rng: np.random.Generator, shape=(36, 36, 36)):
-    """Return (4 channel images float32, label uint8 with 0 bg, 1 edema, 2 necrosis, 3 enhancing)."""
-    s = np.asarray(shape)
-    brain = _ellipsoid(shape, s / 2 - 0.5, s * 0.45)
-    inner = np.argwhere(_ellipsoid(shape, s / 2 - 0.5, s * 0.2))
-    centre = inner[rng.integers(len(inner))]
-    r = rng.uniform(4.0, 6.0)
-    label = np.zeros(shape, np.uint8)
-    label[_ellipsoid(shape, centre, (r, r, r)) & brain] = 1
-    label[_ellipsoid(shape, centre, (0.65 * r,) * 3) & brain] = 3
-    label[_ellipsoid(shape, centre, (0.35 * r,) * 3) & brain] = 2
-    # extra intensity of labels 1, 2, 3 per channel (t1, t1ce, t2, flair), so every region is visible somewhere
-    contrast = np.array([[0, -40, -20, -20], [0, 10, -30, 250], [0, 250, 150, 100], [0, 300, 80, 120]], np.float32)
-    images = []
-    for ch in range(4):
-        img = 200.0 + 30 * ch + contrast[ch][label] + rng.normal(0, 10, shape)
-        images.append(np.where(brain, img, 0).astype(np.float32))
-    return images, label
-
-
 def write_region_dataset(raw_dir: str, dataset_id: int = REGION_DATASET_ID, n_train: int = 5, n_test: int = 1,
-                         shape=(36, 36, 36), seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(raw_dir, f"Dataset{dataset_id:03d}_BraTSPhantom")
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    for split, n in (("Tr", n_train), ("Ts", n_test)):
-        for i in range(n):
-            case = f"brats_{split.lower()}{i:03d}"
-            images, label = make_region_case(rng, shape)
-            for ch, img in enumerate(images):
-                sitk.WriteImage(sitk.GetImageFromArray(img),
-                                os.path.join(folder, f"images{split}", f"{case}_{ch:04d}.nii.gz"))
-            sitk.WriteImage(sitk.GetImageFromArray(label), os.path.join(folder, f"labels{split}", f"{case}.nii.gz"))
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump({
-            "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"},
-            "labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]},
-            "regions_class_order": [1, 2, 3],
-            "numTraining": n_train,
-            "file_ending": ".nii.gz",
-        }, f, indent=2)
+                         voxel_size: float = 3.0, seed: int = 0) -> str:
+    """``n_train`` training cases and ``n_test`` BraTS validation cases (``imagesTs``) as
+    ``raw_dir/DatasetXXX_BraTSPhantom``; the test cases' truth goes to ``labelsTs`` for shape/metric checks.
+
+    The truth is regenerated from ``(seed, index)`` (phantom subjects are reproducible one by one), mapped to
+    nnU-Net's labels and written with the case's affine, since BraTS validation cases ship without seg.
+    """
+    from nnunetv2_ohem.dataset_conversion.brats import convert_brats
+    from nnunetv2_ohem.phantoms.anatomy import save_nifti
+    from nnunetv2_ohem.phantoms.brats import (BraTSPhantomConfig, brats_case_name, has_enhancing,
+                                              make_brats_subject, write_brats_phantoms)
+
+    config = BraTSPhantomConfig(voxel_size=voxel_size)
+    source = write_brats_phantoms(os.path.join(os.path.dirname(os.path.abspath(raw_dir)),
+                                               f"brats_phantoms_{dataset_id}"),
+                                  n_subjects=n_train, seed=seed, config=config, year=2021, n_validation=n_test)
+    folder = convert_brats(source, dataset_id, name="BraTSPhantom", raw_dir=raw_dir)
+    os.makedirs(os.path.join(folder, "labelsTs"), exist_ok=True)
+    for index in range(n_train, n_train + n_test):
+        sub = make_brats_subject(seed, index, config, has_enhancing(index, config.no_enhancing_fraction))
+        save_nifti(sub.nnunet_label().astype(np.uint8), sub.affine,
+                   os.path.join(folder, "labelsTs", brats_case_name(2021, index) + ".nii.gz"))
     return folder
 
 
