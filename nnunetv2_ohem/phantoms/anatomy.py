@@ -10,8 +10,9 @@ import heapq
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,48 @@ TISSUE_CONTRAST: Dict[str, Dict[str, float]] = {
     "t2": {"gm": 0.8, "wm": 0.55, "csf": 1.6},
 }
 INTENSITY_SCALE = 400.0  # gives scanner-like magnitudes; nnU-Net z-normalises anyway
+
+
+def check_ranges(config: Any, names: Iterable[str]) -> None:
+    """Each named field must be a range ``(lo, hi)`` with ``0 <= lo <= hi``."""
+    for name in names:
+        lo, hi = getattr(config, name)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"{name} must be a range (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+
+
+def check_unit_interval(config: Any, names: Iterable[str]) -> None:
+    """Each named field (a share or probability) must lie in [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {getattr(config, name)}")
+
+
+@dataclass(frozen=True)
+class PhantomConfigBase:
+    """Grid and pose knobs every generator shares (see :func:`subject_anatomy`); the generators' configs
+    add their lesion knobs and call ``super().__post_init__()``. Stored in each manifest via ``asdict``."""
+
+    voxel_size: float = 1.0
+    max_rotation_deg: float = 6.0
+    max_scale: float = 0.05
+    max_shift_mm: float = 4.0
+    crop_margin_mm: Tuple[float, float] = (2.0, 12.0)
+
+    def __post_init__(self):
+        if self.voxel_size <= 0:
+            raise ValueError(f"voxel_size must be > 0 mm, got {self.voxel_size}")
+        check_ranges(self, ("crop_margin_mm",))
+
+    def anatomy(self, rng: np.random.Generator):
+        """This config's :func:`subject_anatomy` draw: (gm, wm, brain, affine)."""
+        return subject_anatomy(rng, self.voxel_size, self.max_rotation_deg, self.max_scale, self.max_shift_mm,
+                               self.crop_margin_mm)
+
+    @classmethod
+    def from_dict(cls, values: Dict):
+        """Inverse of ``asdict`` (JSON turns tuples into lists), e.g. for a manifest's ``config``."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 @lru_cache(maxsize=1)

@@ -33,8 +33,9 @@ import numpy as np
 from scipy import ndimage
 
 from nnunetv2_ohem.dataset_conversion.brats import LABEL_MAPS, MODALITY_SUFFIXES, SEG_SUFFIX, YEARS
-from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, atomic_output_dir, bias_field,
-                                            grow_blob, rician_noise, save_nifti, subject_anatomy)
+from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, PhantomConfigBase,
+                                            atomic_output_dir, bias_field, check_ranges, check_unit_interval,
+                                            grow_blob, rician_noise, save_nifti)
 
 CHANNELS: Tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # nnU-Net channel order 0000..0003
 #: BraTS 2021 source labels, the convention of :attr:`BraTSSubject.label`
@@ -59,13 +60,12 @@ _CUBE = np.ones((3, 3, 3), bool)
 
 
 @dataclass(frozen=True)
-class BraTSPhantomConfig:
+class BraTSPhantomConfig(PhantomConfigBase):
     """Every knob of the generator; stored in the manifest so a phantom set can be regenerated exactly.
 
     Volumes are physical (cm³), margins in mm; both are converted to voxels for the given ``voxel_size``.
     """
 
-    voxel_size: float = 1.0
     n_tumours: Tuple[int, int] = (1, 1)
     whole_tumour_volume_cm3: Tuple[float, float] = (10.0, 120.0)
     core_fraction: Tuple[float, float] = (0.25, 0.6)  # TC / WT
@@ -77,19 +77,10 @@ class BraTSPhantomConfig:
     texture_amplitude: float = 0.08  # relative std of the smooth intensity texture inside the tumour
     noise_sigma: float = 0.03
     bias_amplitude: float = 0.2
-    max_rotation_deg: float = 6.0
-    max_scale: float = 0.05
-    max_shift_mm: float = 4.0
-    crop_margin_mm: Tuple[float, float] = (2.0, 12.0)
 
     def __post_init__(self):
-        if self.voxel_size <= 0:
-            raise ValueError(f"voxel_size must be > 0 mm, got {self.voxel_size}")
-        for name in ("n_tumours", "whole_tumour_volume_cm3", "core_fraction", "necrosis_fraction",
-                     "crop_margin_mm"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name} must be a range (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+        super().__post_init__()
+        check_ranges(self, ("n_tumours", "whole_tumour_volume_cm3", "core_fraction", "necrosis_fraction"))
         if self.n_tumours[0] < 1:
             raise ValueError(f"n_tumours must be at least 1 per subject (every BraTS case has a tumour), "
                              f"got {self.n_tumours}")
@@ -106,9 +97,7 @@ class BraTSPhantomConfig:
         for name in ("edema_margin_mm", "enhancing_rim_mm", "noise_sigma", "bias_amplitude", "texture_amplitude"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("no_enhancing_fraction", "contrast_jitter"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        check_unit_interval(self, ("no_enhancing_fraction", "contrast_jitter"))
 
 
 @dataclass
@@ -329,8 +318,7 @@ def make_brats_subject(seed: int, index: int, config: BraTSPhantomConfig = BraTS
     """
     cfg = config
     rng = np.random.default_rng([int(seed), int(index)])
-    gm, wm, brain, affine = subject_anatomy(rng, cfg.voxel_size, cfg.max_rotation_deg, cfg.max_scale,
-                                           cfg.max_shift_mm, cfg.crop_margin_mm)
+    gm, wm, brain, affine = cfg.anatomy(rng)
     brain_mask = brain > 0.5
     wm_mask = (wm > 0.5) & brain_mask
     # gliomas grow in parenchyma and displace rather than fill the ventricles/sulci
@@ -404,9 +392,7 @@ def write_brats_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     return os.path.abspath(out_dir)
 
 
-def brats_config_from_dict(values: Dict) -> BraTSPhantomConfig:
-    """Inverse of ``asdict`` (JSON turns tuples into lists), e.g. for a manifest's ``config``."""
-    return BraTSPhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+brats_config_from_dict = BraTSPhantomConfig.from_dict
 
 
 __all__: Sequence[str] = ("BraTSPhantomConfig", "BraTSSubject", "CHANNELS", "TUMOUR_CONTRAST", "make_brats_subject",

@@ -29,18 +29,18 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, atomic_output_dir, bias_field,
+from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, PhantomConfigBase,
+                                            atomic_output_dir, bias_field, check_ranges, check_unit_interval,
                                             draw_volume, lesion_free_indices, place_blobs, rician_noise,
-                                            save_nifti, subject_anatomy)
+                                            save_nifti)
 
 FLAIR_CONTRAST = TISSUE_CONTRAST["flair"]
 
 
 @dataclass(frozen=True)
-class MSSEG2PhantomConfig:
+class MSSEG2PhantomConfig(PhantomConfigBase):
     """Every knob of the generator; stored in the manifest so a phantom set can be regenerated exactly."""
 
-    voxel_size: float = 1.0
     n_new_lesions: Tuple[int, int] = (1, 8)
     n_old_lesions: Tuple[int, int] = (0, 6)
     lesion_volume_mm3: Tuple[float, float] = (1.0, 50.0)
@@ -51,23 +51,13 @@ class MSSEG2PhantomConfig:
     lesion_contrast: Tuple[float, float] = (1.6, 2.1)
     noise_sigma: float = 0.03
     bias_amplitude: float = 0.15
-    max_rotation_deg: float = 6.0
-    max_scale: float = 0.05
-    max_shift_mm: float = 4.0
-    crop_margin_mm: Tuple[float, float] = (2.0, 12.0)
     n_experts: int = 4
 
     def __post_init__(self):
-        if self.voxel_size <= 0:
-            raise ValueError(f"voxel_size must be > 0 mm, got {self.voxel_size}")
-        for name in ("n_new_lesions", "n_old_lesions", "lesion_volume_mm3", "large_lesion_volume_mm3",
-                     "lesion_contrast", "crop_margin_mm"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name} must be a range (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
-        for name in ("large_lesion_fraction", "wm_fraction", "lesion_free_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        super().__post_init__()
+        check_ranges(self, ("n_new_lesions", "n_old_lesions", "lesion_volume_mm3", "large_lesion_volume_mm3",
+                            "lesion_contrast"))
+        check_unit_interval(self, ("large_lesion_fraction", "wm_fraction", "lesion_free_fraction"))
         if self.lesion_volume_mm3[0] <= 0:
             raise ValueError("lesion_volume_mm3 must start above 0 mm³")
 
@@ -118,8 +108,7 @@ def make_msseg2_subject(seed: int, index: int, config: MSSEG2PhantomConfig = MSS
     """Generate subject ``index`` of the set with ``seed`` (RNG seeded by ``(seed, index)``)."""
     cfg = config
     rng = np.random.default_rng([int(seed), int(index)])
-    gm, wm, brain, affine = subject_anatomy(rng, cfg.voxel_size, cfg.max_rotation_deg, cfg.max_scale,
-                                           cfg.max_shift_mm, cfg.crop_margin_mm)
+    gm, wm, brain, affine = cfg.anatomy(rng)
     brain_mask = brain > 0.5
     wm_mask = (wm > 0.5) & brain_mask
     csf = np.clip(brain - gm - wm, 0, 1)
@@ -207,9 +196,7 @@ def write_msseg2_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     return os.path.abspath(out_dir)
 
 
-def phantom_config_from_dict(values: Dict) -> MSSEG2PhantomConfig:
-    """Inverse of ``asdict`` (JSON turns tuples into lists)."""
-    return MSSEG2PhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+phantom_config_from_dict = MSSEG2PhantomConfig.from_dict
 
 
 __all__: Sequence[str] = ("MSSEG2PhantomConfig", "PhantomSubject", "make_msseg2_subject", "write_msseg2_phantoms",

@@ -42,9 +42,10 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, atomic_output_dir, bias_field,
+from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, PhantomConfigBase,
+                                            atomic_output_dir, bias_field, check_ranges, check_unit_interval,
                                             draw_volume, grow_blob, lesion_free_indices, place_blobs,
-                                            rician_noise, save_nifti, subject_anatomy, template_1mm)
+                                            rician_noise, save_nifti, template_1mm)
 
 CHANNELS: Tuple[str, ...] = ("T1", "T2", "FLAIR")  # VALDO file suffixes, in the converter's channel order
 #: MNI152 box (mm) holding the basal ganglia and thalami: |x| in [3, 30] (the 3rd ventricle lies at |x| < 3),
@@ -54,10 +55,9 @@ _SIX_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
 
 
 @dataclass(frozen=True)
-class VALDOPhantomConfig:
+class VALDOPhantomConfig(PhantomConfigBase):
     """Every knob of the generator; stored in the manifest so a phantom set can be regenerated exactly."""
 
-    voxel_size: float = 1.0
     n_lacunes: Tuple[int, int] = (1, 12)
     lacune_volume_mm3: Tuple[float, float] = (3.0, 150.0)
     lacune_wm_fraction: float = 0.8
@@ -72,22 +72,14 @@ class VALDOPhantomConfig:
     partial_volume: float = 0.2
     noise_sigma: float = 0.03
     bias_amplitude: float = 0.15
-    max_rotation_deg: float = 6.0
-    max_scale: float = 0.05
-    max_shift_mm: float = 4.0
-    crop_margin_mm: Tuple[float, float] = (2.0, 12.0)
     n_raters: int = 1
     rater_miss_probability: float = 0.1
     rater_border_probability: float = 0.2
 
     def __post_init__(self):
-        if self.voxel_size <= 0:
-            raise ValueError(f"voxel_size must be > 0 mm, got {self.voxel_size}")
-        for name in ("n_lacunes", "lacune_volume_mm3", "lacune_fill", "flair_rim_gain", "n_pvs", "pvs_volume_mm3",
-                     "pvs_fill", "crop_margin_mm"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name} must be a range (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+        super().__post_init__()
+        check_ranges(self, ("n_lacunes", "lacune_volume_mm3", "lacune_fill", "flair_rim_gain", "n_pvs",
+                            "pvs_volume_mm3", "pvs_fill"))
         if self.n_lacunes[0] < 1:
             raise ValueError(f"n_lacunes must start at >= 1 (got {self.n_lacunes}); lacune-free subjects come "
                              f"from lacune_free_fraction")
@@ -100,10 +92,8 @@ class VALDOPhantomConfig:
                 raise ValueError(f"{name} is a CSF fraction and must lie in (0, 1], got {(lo, hi)}")
         if self.flair_rim_gain[0] < 1:
             raise ValueError(f"flair_rim_gain must be >= 1 (the rim is hyperintense), got {self.flair_rim_gain}")
-        for name in ("lacune_wm_fraction", "lacune_free_fraction", "pvs_linear_fraction", "pvs_wm_fraction",
-                     "partial_volume", "rater_miss_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        check_unit_interval(self, ("lacune_wm_fraction", "lacune_free_fraction", "pvs_linear_fraction",
+                                   "pvs_wm_fraction", "partial_volume", "rater_miss_probability"))
         if not 0.0 <= self.rater_border_probability <= 0.5:
             raise ValueError(f"rater_border_probability must lie in [0, 0.5] (dilate and erode each get it), "
                              f"got {self.rater_border_probability}")
@@ -275,8 +265,7 @@ def make_valdo_subject(seed: int, index: int, config: VALDOPhantomConfig = VALDO
     cfg = config
     v = float(cfg.voxel_size)
     rng = np.random.default_rng([int(seed), int(index)])
-    gm, wm, brain, affine = subject_anatomy(rng, v, cfg.max_rotation_deg, cfg.max_scale, cfg.max_shift_mm,
-                                           cfg.crop_margin_mm)
+    gm, wm, brain, affine = cfg.anatomy(rng)
     brain_mask = brain > 0.5
     wm_mask = (wm > 0.5) & brain_mask
     csf = np.clip(brain - gm - wm, 0, 1)
@@ -390,9 +379,7 @@ def write_valdo_phantoms(out_dir: str, n_subjects: int = 10, seed: int = 0,
     return os.path.abspath(out_dir)
 
 
-def valdo_config_from_dict(values: Dict) -> VALDOPhantomConfig:
-    """Inverse of ``asdict`` (JSON turns tuples into lists)."""
-    return VALDOPhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+valdo_config_from_dict = VALDOPhantomConfig.from_dict
 
 
 __all__: Sequence[str] = ("VALDOPhantomConfig", "VALDOSubject", "make_valdo_subject", "write_valdo_phantoms",
