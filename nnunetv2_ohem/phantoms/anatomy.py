@@ -176,6 +176,13 @@ def draw_volume(rng: np.random.Generator, volume_mm3: Tuple[float, float], large
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def claim_neighbourhood(occupied: np.ndarray, voxels: np.ndarray) -> None:
+    """Mark ``voxels`` (n, 3) and their 26-neighbourhood occupied, so later blobs stay separate components."""
+    for off in np.argwhere(np.ones((3, 3, 3), bool)) - 1:
+        q = np.clip(voxels + off, 0, np.asarray(occupied.shape) - 1)
+        occupied[tuple(q.T)] = True
+
+
 def place_blobs(rng: np.random.Generator, n: int, voxel_size: float, volume: Callable[[np.random.Generator], float],
                 wm_fraction: float, wm_mask: np.ndarray, brain_mask: np.ndarray, occupied: np.ndarray,
                 instance: np.ndarray, first_id: int) -> List[Dict]:
@@ -200,10 +207,7 @@ def place_blobs(rng: np.random.Generator, n: int, voxel_size: float, volume: Cal
             continue
         lesion_id = first_id + len(lesions)
         instance[tuple(blob.T)] = lesion_id
-        # keep the 26-neighbourhood free so lesions stay separate connected components
-        for off in np.argwhere(np.ones((3, 3, 3), bool)) - 1:
-            q = np.clip(blob + off, 0, np.asarray(occupied.shape) - 1)
-            occupied[tuple(q.T)] = True
+        claim_neighbourhood(occupied, blob)
         lesions.append({"id": lesion_id, "centre_voxel": list(centre), "n_voxels": int(n_vox),
                         "volume_mm3": float(n_vox * v ** 3), "target_volume_mm3": target, "in_wm_only": in_wm})
     return lesions

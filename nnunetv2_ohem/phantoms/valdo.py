@@ -44,8 +44,8 @@ from scipy import ndimage
 
 from nnunetv2_ohem.phantoms.anatomy import (INTENSITY_SCALE, TISSUE_CONTRAST, PhantomConfigBase,
                                             atomic_output_dir, bias_field, check_ranges, check_unit_interval,
-                                            draw_volume, grow_blob, lesion_free_indices, place_blobs,
-                                            rician_noise, save_nifti, template_1mm)
+                                            claim_neighbourhood, draw_volume, lesion_free_indices,
+                                            place_blobs, rician_noise, save_nifti, template_1mm)
 
 CHANNELS: Tuple[str, ...] = ("T1", "T2", "FLAIR")  # VALDO file suffixes, in the converter's channel order
 #: MNI152 box (mm) holding the basal ganglia and thalami: |x| in [3, 30] (the 3rd ventricle lies at |x| < 3),
@@ -170,13 +170,6 @@ def deep_grey_mask(gm: np.ndarray, csf: np.ndarray, brain_mask: np.ndarray, affi
     return box & brain_mask & (gm > gm_threshold) & (csf < csf_threshold)
 
 
-def _claim(occupied: np.ndarray, voxels: np.ndarray) -> None:
-    """Mark ``voxels`` and their 26-neighbourhood occupied so later blobs stay separate components."""
-    for off in np.argwhere(np.ones((3, 3, 3), bool)) - 1:
-        q = np.clip(voxels + off, 0, np.asarray(occupied.shape) - 1)
-        occupied[tuple(q.T)] = True
-
-
 def segment_voxels(centre: np.ndarray, n_voxels: int, direction: np.ndarray) -> np.ndarray:
     """``n_voxels`` distinct, 26-connected voxels (n, 3) of a straight line through ``centre``.
 
@@ -217,7 +210,7 @@ def place_linear_pvs(rng: np.random.Generator, n: int, voxel_size: float, volume
             continue
         pid = first_id + len(placed)
         instance[tuple(vox.T)] = pid
-        _claim(occupied, vox)
+        claim_neighbourhood(occupied, vox)
         placed.append({"id": pid, "shape": "linear", "centre_voxel": [int(c) for c in centre],
                        "n_voxels": n_vox, "volume_mm3": float(n_vox * v ** 3), "target_volume_mm3": target,
                        "region": "wm" if in_wm else "deep_grey", "tilt_deg": float(np.rad2deg(tilt))})
