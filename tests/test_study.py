@@ -2,6 +2,7 @@
 No training here: the runs are replaced by a fake that writes what a finished run writes."""
 import json
 import math
+import time
 import os
 import random
 import re
@@ -51,15 +52,28 @@ def test_mean_ci_degenerate_inputs():
 
 def test_equal_time_epochs():
     # reference: 4 epochs of 3 s = 12 s; a method at 6 s per epoch gets 2 epochs
-    assert equal_time_epochs([3, 3, 3, 3], [6, 6, 6, 6]) == 2
+    assert equal_time_epochs([[3, 3, 3, 3]], [[6, 6, 6, 6]]) == 2
     # 10 s / 3 s = 3.33 -> 3; 10 s / 1.9 s = 5.26 -> 5; the reference against itself keeps its epochs
-    assert equal_time_epochs([5, 5], [3, 3]) == 3
-    assert equal_time_epochs([4, 6], [1.9]) == 5
-    assert equal_time_epochs([2.1, 1.9, 2.0], [2.1, 1.9, 2.0]) == 3
-    assert equal_time_epochs([1.0], [50.0]) == 1  # never zero epochs
+    assert equal_time_epochs([[5, 5]], [[3, 3]]) == 3
+    assert equal_time_epochs([[4, 6]], [[1.9]]) == 5
+    assert equal_time_epochs([[2.1, 1.9, 2.0]], [[2.1, 1.9, 2.0]]) == 3
+    assert equal_time_epochs([[1.0]], [[50.0]]) == 1  # never zero epochs
     for bad in ([], [0.0], [-1.0], [float("inf")]):
         with pytest.raises(ValueError):
-            equal_time_epochs([1.0], bad)
+            equal_time_epochs([[1.0]], [bad])
+    with pytest.raises(ValueError, match="paired by seed"):
+        equal_time_epochs([[1.0], [1.0]], [[2.0]])
+
+
+def test_equal_time_epochs_resists_load_on_some_epochs_and_one_seed():
+    # one slow epoch (other work on the machine) does not shift the median cost: 2x -> 50 of 100 epochs
+    ref = [2.0] * 99 + [20.0]
+    assert equal_time_epochs([ref], [[4.0] * 100]) == 50
+    # one seed's method run slowed 3x by load: the median over seeds keeps 2x, for every seed alike
+    refs = [[2.0] * 100] * 3
+    runs = [[4.0] * 100, [4.1] * 100, [12.0] * 100]
+    assert equal_time_epochs(refs, runs) == 49  # median ratio 2.05
+    assert equal_time_epochs(refs[:1], runs[2:]) == 17  # that seed alone would have given 100 / 6
 
 
 def test_parse_epoch_times():
@@ -105,18 +119,22 @@ def _fake_study(tmp_path, monkeypatch, methods, budgets=("iterations", "time")):
     calls = []
 
     def fake_run(cfg, paths, device, budget, method, seed, epochs):
-        calls.append((budget, method, seed, epochs))
         d = study._run_dir(cfg, budget, method, seed)
+        if os.path.exists(os.path.join(d, "result.json")):  # like the real run: a finished run is reused
+            with open(os.path.join(d, "result.json")) as f:
+                return json.load(f)
+        calls.append((budget, method, seed, epochs))
         os.makedirs(d, exist_ok=True)
         times = [cost[method]] * epochs
         with open(os.path.join(d, "epoch_times.json"), "w") as f:
             json.dump(times, f)
-        with open(os.path.join(d, "result.json"), "w") as f:
-            json.dump({}, f)
         r = np.random.RandomState(hash((method, seed, epochs)) % 2 ** 31)
-        return {"budget": budget, "method": method, "label": study.METHOD_LABELS[method], "seed": seed,
-                "epochs": epochs, "train_seconds": sum(times), "lesion_f1": round(r.uniform(), 4),
-                "dice": round(r.uniform(), 4), "fp_lesions_lesion_free": int(r.randint(0, 5)), "reused_from": ""}
+        row = {"budget": budget, "method": method, "label": study.METHOD_LABELS[method], "seed": seed,
+               "epochs": epochs, "train_seconds": sum(times), "lesion_f1": round(r.uniform(), 4),
+               "dice": round(r.uniform(), 4), "fp_lesions_lesion_free": int(r.randint(0, 5)), "reused_from": ""}
+        with open(os.path.join(d, "result.json"), "w") as f:
+            json.dump(row, f)
+        return row
 
     monkeypatch.setattr(study, "run_demo", lambda cfg: None)
     monkeypatch.setattr(study, "Paths", lambda out, cfg: None)
@@ -148,7 +166,8 @@ def test_summary_md_matches_results_csv(tmp_path, monkeypatch):
     csv = pd.read_csv(os.path.join(cfg.docs, "results.csv"))
     assert len(csv) == 2 * 3 * 3  # budgets x methods x seeds
     md = open(os.path.join(cfg.docs, "summary.md")).read()
-    assert "nnunetv2_ohem_demo --study (test)" in md and "2026-11-27" in md
+    assert "nnunetv2_ohem_demo --study (test)" in md
+    assert f"Date {time.strftime('%Y-%m-%d')} · machine: {os.cpu_count()}-core" in md
     assert os.path.getsize(os.path.join(cfg.docs, "study.png")) > 1000
     table = [ln for ln in md.splitlines() if ln.startswith("| iterations") or ln.startswith("| time")]
     label_to_method = {v: k for k, v in study.METHOD_LABELS.items()}
@@ -169,10 +188,19 @@ def test_summary_md_matches_results_csv(tmp_path, monkeypatch):
     assert checked == 2 * 3 * 3
 
 
-def test_timing_file_counts_computed_runs(tmp_path, monkeypatch):
+def test_timing_file_counts_computed_runs_and_keeps_the_run_date(tmp_path, monkeypatch):
     cfg, out, _ = _fake_study(tmp_path, monkeypatch, ("nnUNetTrainer",), budgets=("iterations",))
-    with open(os.path.join(cfg.out, "timing.json")) as f:
+    timing_path = os.path.join(cfg.out, "timing.json")
+    with open(timing_path) as f:
         assert json.load(f)["runs_computed"] == 3
+    # a later rerun that only reuses the finished runs (e.g. to add notes) keeps the date the runs were made
+    with open(timing_path) as f:
+        timing = json.load(f)
+    with open(timing_path, "w") as f:
+        json.dump(dict(timing, date="2001-02-03", seconds=3600.0), f)
+    study.run_study(cfg)
+    md = open(os.path.join(cfg.docs, "summary.md")).read()
+    assert "Date 2001-02-03 ·" in md and "wall time 60.0 min" in md
 
 
 def test_config_and_cli_validation(capsys):

@@ -12,9 +12,10 @@ Design:
   (``run_demo(..., until="plan")``); repetitions differ by the TRAINING seed
   (``NNUNETV2_OHEM_DEMO_SEED``: network initialisation, case/patch sampling, augmentation).
 * budget ``iterations``: every method runs ``epochs × iterations`` optimiser steps of the same batch size.
-* budget ``time``: every method gets the training wall time of the reference method's run with the same seed,
-  by scaling its number of epochs with the measured per-epoch cost of its own ``iterations`` run
-  (:func:`equal_time_epochs`; nnU-Net's poly learning-rate schedule then still runs to its end). A method
+* budget ``time``: every method gets the training wall time of the reference method, by scaling its number of
+  epochs with its per-epoch cost relative to the reference, measured on the ``iterations`` runs (median over
+  epochs and seeds, :func:`equal_time_epochs`; nnU-Net's poly learning-rate schedule then still runs to its
+  end). A method
   whose scaled epoch count equals the ``iterations`` budget reuses that run (the reference always does).
 * each run has its own ``nnUNet_results`` folder, so seeds of the same trainer never collide; a finished run
   (``result.json`` with the same settings) is reused on a rerun.
@@ -22,6 +23,7 @@ Design:
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import time
@@ -134,16 +136,28 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> Tuple[float, float,
     return m, m - half, m + half
 
 
-def equal_time_epochs(reference_epoch_seconds: Sequence[float], method_epoch_seconds: Sequence[float]) -> int:
-    """Epochs that give a method the reference run's training wall time: ``round(T_ref / c_m)`` with
-    ``T_ref = Σ`` reference epoch times and ``c_m`` = the method's mean epoch time (both measured on runs of
-    the same number of iterations per epoch); at least 1."""
-    ref, own = np.asarray(reference_epoch_seconds, float), np.asarray(method_epoch_seconds, float)
-    if ref.ndim != 1 or own.ndim != 1 or len(ref) == 0 or len(own) == 0:
-        raise ValueError("epoch times must be non-empty 1-d sequences")
-    if (ref <= 0).any() or (own <= 0).any() or not np.isfinite(ref).all() or not np.isfinite(own).all():
-        raise ValueError("epoch times must be positive and finite")
-    return max(1, int(round(float(ref.sum()) / float(own.mean()))))
+def equal_time_epochs(reference_runs: Sequence[Sequence[float]], method_runs: Sequence[Sequence[float]]) -> int:
+    """Epochs that give a method the reference method's training wall time, from their equal-iteration runs.
+
+    Per seed s (paired runs of the same iterations per epoch) the method's relative cost is
+    ``r_s = median(method epoch times) / median(reference epoch times)``; the method gets
+    ``round(E_ref / median_s r_s)`` epochs (at least 1), ``E_ref`` = the reference runs' epoch count, i.e. the
+    reference's wall time ``E_ref · c_ref`` divided by the method's cost per epoch ``c_m = r · c_ref``.
+    Medians, within a run and over seeds, keep the estimate stable when other work on the machine slows
+    some epochs or one seed's pair of runs unevenly (same epochs for every seed of a method).
+    """
+    if len(reference_runs) == 0 or len(reference_runs) != len(method_runs):
+        raise ValueError("need one reference run per method run (paired by seed), at least one pair")
+    ratios, epochs = [], []
+    for ref, own in zip(reference_runs, method_runs):
+        ref, own = np.asarray(ref, float), np.asarray(own, float)
+        if ref.ndim != 1 or own.ndim != 1 or len(ref) == 0 or len(own) == 0:
+            raise ValueError("epoch times must be non-empty 1-d sequences")
+        if (ref <= 0).any() or (own <= 0).any() or not np.isfinite(ref).all() or not np.isfinite(own).all():
+            raise ValueError("epoch times must be positive and finite")
+        ratios.append(float(np.median(own)) / float(np.median(ref)))
+        epochs.append(len(ref))
+    return max(1, int(round(float(np.median(epochs)) / float(np.median(ratios)))))
 
 
 def parse_epoch_times(log_text: str) -> List[float]:
@@ -304,10 +318,12 @@ def run_study(cfg: StudyConfig) -> Dict:
     run_all(iteration_jobs, "study: equal iterations")
     if "time" in cfg.budgets:
         time_jobs = []
+        ref_runs = [_epoch_times(cfg, "iterations", cfg.reference, s) for s in cfg.seeds]
+        epochs = {m: equal_time_epochs(ref_runs, [_epoch_times(cfg, "iterations", m, s) for s in cfg.seeds])
+                  for m in cfg.methods}
         for s in cfg.seeds:
-            ref = _epoch_times(cfg, "iterations", cfg.reference, s)
             for m in cfg.methods:
-                e = equal_time_epochs(ref, _epoch_times(cfg, "iterations", m, s))
+                e = epochs[m]
                 if e == cfg.epochs:
                     base = next(r for r in rows if r["budget"] == "iterations" and r["method"] == m and r["seed"] == s)
                     rows.append(dict(base, budget="time", reused_from="iterations"))
@@ -323,12 +339,14 @@ def run_study(cfg: StudyConfig) -> Dict:
     seconds = time.time() - t0
     # a rerun that only reuses finished runs (e.g. to add --notes) keeps the wall time of the run that computed
     timing_path = os.path.join(cfg.out, "timing.json")
+    date = time.strftime("%Y-%m-%d")
     if n_ran[0] > 0 or not os.path.exists(timing_path):
-        _atomic_write(timing_path, json.dumps({"seconds": seconds, "runs_computed": n_ran[0]}))
+        _atomic_write(timing_path, json.dumps({"seconds": seconds, "runs_computed": n_ran[0], "date": date}))
     else:
         with open(timing_path) as f:
-            seconds = float(json.load(f)["seconds"])
-    write_docs(cfg, results, seconds, device)
+            timing = json.load(f)
+        seconds, date = float(timing["seconds"]), timing.get("date", date)
+    write_docs(cfg, results, seconds, device, date)
     return {"results": results, "seconds": seconds, "docs": os.path.abspath(cfg.docs)}
 
 
@@ -408,7 +426,17 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
     return found
 
 
-def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str) -> None:
+def machine_description(device: str) -> str:
+    """What the summary names as the machine: CPU cores and architecture, plus the GPU model on CUDA."""
+    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    if device == "cuda":
+        import torch
+        return f"{torch.cuda.get_device_name(0)} ({cpu})"
+    return f"{cpu}, no GPU" if device == "cpu" else f"{device} ({cpu})"
+
+
+def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str,
+               date: Optional[str] = None) -> None:
     os.makedirs(cfg.docs, exist_ok=True)
     _atomic_write(os.path.join(cfg.docs, "results.csv"), results.to_csv(index=False, float_format="%.4g"))
     # the summary is computed from the csv as written, so the table matches it exactly
@@ -418,10 +446,10 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
     methods = [m for m in cfg.methods if m in set(written["method"])]
     plot_results(written, os.path.join(cfg.docs, "study.png"), methods)
     has_selection = plot_selection(cfg, os.path.join(cfg.docs, "selection.png"))
-    machine = "2-core x86_64 CPU, no GPU" if device == "cpu" else device
     lines = [
         "# Study: OHEM-EMA vs plain training and oversampling on MSSEG-II-like phantoms", "",
-        f"Date 2026-11-27 · machine: {machine} · wall time {seconds / 60:.1f} min · device {device}", "",
+        f"Date {date or time.strftime('%Y-%m-%d')} · machine: {machine_description(device)} · "
+        f"wall time {seconds / 60:.1f} min · device {device}", "",
         "Command:", "", "```", cfg.command or "(API call)", "```", "",
         f"Data: {cfg.n_train} training + {cfg.n_test} held-out phantoms (phantom seed {cfg.phantom_seed}, "
         f"{cfg.voxel_size} mm voxels, new lesions {cfg.lesion_volume[0]:g}-{cfg.lesion_volume[1]:g} mm³), one "
@@ -429,7 +457,8 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
         f"sampling, augmentation). U-Net {list(cfg.features)}, patch {cfg.patch}³, batch {cfg.batch}; "
         f"{cfg.epochs} epochs × {cfg.iterations} iterations at equal iterations. Equal wall time (if run): each "
         f"method's epochs scaled so that its training takes the {METHOD_LABELS.get(cfg.reference)} run's time "
-        f"(measured per-epoch cost of its equal-iteration run with the same seed).", "",
+        f"(its per-epoch cost relative to that method on the equal-iteration runs, median over epochs and "
+        f"seeds), the same number of epochs for every seed.", "",
         "Metrics on the held-out phantoms (MSSEG-II challenge definitions): lesion-wise F1 and Dice are means "
         "over cases with new lesions; FP lesions are the mean number of false-positive lesions per lesion-free "
         "case. Table: mean over seeds [95 % Student-t confidence interval]; `train s` = summed nnU-Net epoch "
