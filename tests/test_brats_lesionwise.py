@@ -1,5 +1,7 @@
 """BraTS 2023 lesion-wise metrics: hand cases, the sub-challenge parameters, and agreement with a plain
 full-volume reference built from other tools (scipy.ndimage.label, distance transforms) on random masks."""
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -174,3 +176,36 @@ def test_cli_prints_lesion_wise_columns(tmp_path, capsys):
     # the ET lesion (27 mm³) is below GLI's 50 mm³: no kept lesion, no false positive -> Dice 1, HD95 0
     assert float(first["lw_dice_WT"]) == 1.0 and float(first["lw_dice_ET"]) == 1.0
     assert float(first["lw_hd95_ET"]) == 0.0
+
+
+def test_brats_2023_phantom_folder_through_evaluate_folders(tmp_path):
+    """BraTS 2023 phantoms as reference; prediction = truth except one case's enhancing tumour relabelled as
+    necrosis: that case loses its ET lesion (FN) and gains nothing in TC/WT; all else scores perfectly."""
+    import SimpleITK as sitk
+
+    from nnunetv2_ohem.evaluation.api import evaluate_folders
+    from nnunetv2_ohem.phantoms.brats import BraTSPhantomConfig, write_brats_phantoms
+
+    src = write_brats_phantoms(str(tmp_path / "src"), n_subjects=3, seed=2, year=2023,
+                               config=BraTSPhantomConfig(voxel_size=3.0, no_enhancing_fraction=0.0))
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    cases = sorted(d for d in os.listdir(src) if d.startswith("BraTS-"))
+    for i, case in enumerate(cases):
+        img = sitk.ReadImage(f"{src}/{case}/{case}-seg.nii.gz")
+        sitk.WriteImage(img, str(tmp_path / "ref" / f"{case}.nii.gz"))
+        arr = sitk.GetArrayFromImage(img)
+        if i == 0:
+            arr = np.where(arr == 3, 1, arr).astype(arr.dtype)  # ET predicted as NETC
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(tmp_path / "pred" / f"{case}.nii.gz"))
+    df, agg = evaluate_folders("brats", str(tmp_path / "ref"), str(tmp_path / "pred"), year="2023",
+                               lesion_wise="GLI")
+    df = df.set_index("case")
+    first, rest = df.loc[cases[0]], df.loc[cases[1:]]
+    assert (first["lw_tp_ET"], first["lw_fn_ET"], first["lw_fp_ET"]) == (0, 1, 0)
+    assert first["lw_dice_ET"] == 0.0 and first["lw_hd95_ET"] == 374.0
+    assert first["lw_dice_TC"] == 1.0 and first["lw_dice_WT"] == 1.0  # TC = NETC ∪ ET is unchanged
+    assert (rest[[f"lw_dice_{r}" for r in ("WT", "TC", "ET")]] == 1.0).all().all()
+    assert agg["mean"]["lw_dice_ET"] == pytest.approx(2 / 3)
