@@ -50,6 +50,8 @@ class EditableWheelWithHook(editable_wheel):
         return _StrategyWithHook(super()._select_strategy(*args, **kwargs))
 
 
+VALDO_EXTRA = ["ranger21>=0.1,<0.2"]
+
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
@@ -60,7 +62,8 @@ setup(
                 "challenge converters and lesion-wise evaluation for small-lesion segmentation",
     long_description=long_description,
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # the only interpreter the CI runs (and constraints.txt was resolved for); widen when another is tested
+    python_requires=">=3.11,<3.12",
     packages=find_packages(include=["nnunetv2_ohem", "nnunetv2_ohem.*"])
     + ["nnunetv2_ohem.dataset_conversion"],
     package_dir={"nnunetv2_ohem.dataset_conversion": "dataset_conversion"},
@@ -80,11 +83,15 @@ setup(
         "pandas>=2.0,<4",
         "matplotlib>=3.7,<4",
         "tqdm>=4.60,<5",
+        "nibabel>=5,<6",  # phantom writer (byte-reproducible .nii.gz)
+        # MNI152 anatomy of the phantoms (shipped inside nilearn, no download): nnunetv2_ohem_phantoms and
+        # nnunetv2_ohem_demo are installed commands, so it stays a requirement rather than an extra
         "nilearn>=0.10,<0.15",
-        "ranger21>=0.1,<0.2",  # VALDO blob-loss configuration (Kofler et al. used Ranger21)
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "MedPy>=0.5,<0.6"],
+        # nnUNetTrainerBlobLoss_VALDO only (Kofler et al. used Ranger21); unmaintained, hence optional
+        "valdo": VALDO_EXTRA,
+        "test": ["pytest>=8,<10", "MedPy>=0.5,<0.6"] + VALDO_EXTRA,
     },
     entry_points={
         "console_scripts": [

@@ -147,6 +147,12 @@ class _ConstantLR:
         pass
 
 
+#: one line, naming the extra that provides the optional optimizer
+RANGER21_MISSING = ("nnUNetTrainerBlobLoss_VALDO needs the optional package 'ranger21' (the Ranger21 optimizer): "
+                    "install the extra nnunetv2-ohem[valdo], e.g. pip install -e '.[valdo]' in the repository, "
+                    "or pip install ranger21")
+
+
 class nnUNetTrainerBlobLoss_VALDO(nnUNetTrainerBlobLoss):
     """The VALDO 2021 lacune submission (Kofler et al.): alpha 0.66 / beta 0.33 blob loss over equally weighted
     Dice + BCE, Mish, dropout 0.1, Ranger21 at lr 1e-3, 95 % foreground-centred patches."""
@@ -177,7 +183,7 @@ class nnUNetTrainerBlobLoss_VALDO(nnUNetTrainerBlobLoss):
         try:
             from ranger21 import Ranger21
         except ImportError as e:
-            raise ImportError("nnUNetTrainerBlobLoss_VALDO needs the 'ranger21' package: pip install ranger21") from e
+            raise ImportError(RANGER21_MISSING) from e
         optimizer = Ranger21(self.network.parameters(), lr=self.initial_lr, num_epochs=self.num_epochs,
                              num_batches_per_epoch=self.num_iterations_per_epoch, logging_active=False)
         return optimizer, _ConstantLR(optimizer)

@@ -1,6 +1,11 @@
-"""Short plain nnU-Net trainer for tests and smoke runs."""
+"""Short variants of the stock nnU-Net baselines for tests and smoke runs (2 epochs x 5 iterations)."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilisticOversampling import \
+    nnUNetTrainer_probabilisticOversampling
 
 from nnunetv2_ohem.training.common import with_training_length
 
 nnUNetTrainer_Debug = with_training_length(nnUNetTrainer, "nnUNetTrainer_Debug", 2, 5, 2)
+#: the paper's "uniform p" baseline
+nnUNetTrainer_probabilisticOversampling_Debug = with_training_length(
+    nnUNetTrainer_probabilisticOversampling, "nnUNetTrainer_probabilisticOversampling_Debug", 2, 5, 2)

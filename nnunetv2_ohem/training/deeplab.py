@@ -158,6 +158,7 @@ class nnUNetTrainerDeepLabV3_SlidesSchedule(nnUNetTrainerDeepLabV3):
 
 
 nnUNetTrainerDeepLabV3_Debug = with_training_length(nnUNetTrainerDeepLabV3, "nnUNetTrainerDeepLabV3_Debug", 2, 5, 2)
+nnUNetTrainerDeepLabV3_OS8_Debug = with_training_length(nnUNetTrainerDeepLabV3_OS8, "nnUNetTrainerDeepLabV3_OS8_Debug", 2, 5, 2)
 nnUNetTrainerDeepLabV2_Debug = with_training_length(nnUNetTrainerDeepLabV2, "nnUNetTrainerDeepLabV2_Debug", 2, 5, 2)
 nnUNetTrainerDeepLabV3_SlidesSchedule_Debug = with_training_length(
     nnUNetTrainerDeepLabV3_SlidesSchedule, "nnUNetTrainerDeepLabV3_SlidesSchedule_Debug", 2, 5, 2)
