@@ -146,7 +146,7 @@ def test_brats_case_rows_get_lesion_wise_columns_per_region():
     ref[6:10, 6:10, 6:10] = 3     # ET (64 voxels)
     pred = ref.copy()
     pred[18:21, 18:21, 18:21] = 3  # an extra ET blob: false positive for ET, TC and WT
-    row = brats.evaluate_brats_arrays(ref, pred, (1, 1, 1), "2023", lesion_wise="GLI")
+    row = brats.evaluate_brats_arrays(ref, pred, (1, 1, 1), "2023", lesion_wise="GLI", definition="brats2023")
     for r in ("WT", "TC", "ET"):
         assert (row[f"lw_tp_{r}"], row[f"lw_fn_{r}"], row[f"lw_fp_{r}"]) == (1, 0, 1)
         assert row[f"lw_dice_{r}"] == pytest.approx(0.5) and row[f"lw_hd95_{r}"] == pytest.approx(187.0)
@@ -201,7 +201,7 @@ def test_brats_2023_phantom_folder_through_evaluate_folders(tmp_path):
         out.CopyInformation(img)
         sitk.WriteImage(out, str(tmp_path / "pred" / f"{case}.nii.gz"))
     df, agg = evaluate_folders("brats", str(tmp_path / "ref"), str(tmp_path / "pred"), year="2023",
-                               lesion_wise="GLI")
+                               lesion_wise="GLI", definition="brats2023")
     df = df.set_index("case")
     first, rest = df.loc[cases[0]], df.loc[cases[1:]]
     assert (first["lw_tp_ET"], first["lw_fn_ET"], first["lw_fp_ET"]) == (0, 1, 0)

@@ -280,13 +280,13 @@ def test_brats_label_conventions_2021_2023_nnunet():
 def test_brats_empty_conventions():
     ref = _brats_2021_case()
     ref[ref == 4] = 1                             # no enhancing tumour in the reference
-    r = brats.evaluate_brats_arrays(ref, ref.copy(), (1, 1, 1), "2021")
+    r = brats.evaluate_brats_arrays(ref, ref.copy(), (1, 1, 1), "2021", definition="medpy")
     assert (r["dice_ET"], r["hd95_ET"]) == (1.0, 0.0)                 # both empty
     pred = ref.copy()
     pred[0, 0, 0] = 4
-    r = brats.evaluate_brats_arrays(ref, pred, (1, 1, 1), "2021")
+    r = brats.evaluate_brats_arrays(ref, pred, (1, 1, 1), "2021", definition="medpy")
     assert (r["dice_ET"], r["hd95_ET"]) == (0.0, 373.1287)            # reference empty, prediction not
-    r = brats.evaluate_brats_arrays(pred, ref, (1, 1, 1), "2021")
+    r = brats.evaluate_brats_arrays(pred, ref, (1, 1, 1), "2021", definition="medpy")
     assert (r["dice_ET"], r["hd95_ET"]) == (0.0, 373.1287)            # prediction empty
     assert 373.1287 == pytest.approx(math.sqrt(240 ** 2 + 240 ** 2 + 155 ** 2), abs=1e-4)
 
@@ -450,7 +450,7 @@ def test_brats_and_segmentation_folders(tmp_path):
     seg2[seg2 == 4] = 1                          # a case without label 4: auto must still read it as 2021
     write(ref_dir / "B2.nii.gz", seg2)
     write(pred_dir / "B2.nii.gz", seg2)
-    df, agg = evaluate_folders("brats", str(ref_dir), str(pred_dir))
+    df, agg = evaluate_folders("brats", str(ref_dir), str(pred_dir), definition="medpy")
     assert agg["challenge"]["label_convention"] == ["2021"]
     b2 = df.set_index("case").loc["B2"]
     assert (b2["dice_TC"], b2["dice_ET"], b2["hd95_ET"]) == (1.0, 1.0, 0.0)

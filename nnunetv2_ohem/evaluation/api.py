@@ -54,7 +54,7 @@ def _evaluate_masks(kind: str, ref: Mask, pred: Mask, metric: Dict) -> Dict:
         for m, what in ((ref, "reference"), (pred, "prediction")):
             require_labels(m, allowed, f"a BraTS {what} in convention '{year}'")
         return brats.evaluate_brats_arrays(ref.array, pred.array, ref.spacing, year, metric["empty_penalty_mm"],
-                                           metric["lesion_wise"])
+                                           metric["lesion_wise"], metric["definition"])
     n = metric["num_classes"]
     if n is not None:
         for m, what in ((ref, "reference"), (pred, "prediction")):
@@ -140,7 +140,10 @@ def evaluate_folders(kind: str, ref_dir: str, pred_dir: str, num_processes: int 
     elif kind == "valdo":
         agg["challenge"] = valdo.aggregate_valdo(df)
     else:
+        de = brats.get_definition(metric["definition"])
         agg["challenge"] = {"label_convention": sorted(set(df["label_convention"])),
-                            "hd95_empty_penalty_mm": metric["empty_penalty_mm"]}
+                            "definition": de.name, "definition_follows": de.follows,
+                            "hd95_empty_penalty_mm": de.empty_penalty_mm if metric["empty_penalty_mm"] is None
+                            else float(metric["empty_penalty_mm"])}
     agg.update(_stats(df.drop(columns=["case"])))
     return df, json_safe(agg)

@@ -18,21 +18,29 @@ for one region mask R (reference) and P (prediction):
 
 Parameters per sub-challenge (``d``, ``min_volume_mm3``): GLI, SSA, PED (3, 50), MEN (1, 50), MET (1, 2).
 
-HD95 uses this package's MedPy-equal surface distance (``evaluation.distances.hd95``); the official script
-uses DeepMind's ``surface_distance`` (surface-area weighted), so HD95 values can differ slightly (sub-voxel to
-about a voxel); Dice, lesion matching and counts follow the definition above exactly.
+The lesion HD95 is a parameter: the official script uses DeepMind's ``surface-distance``
+(``evaluation.distances.surface_hd95``, definition ``brats2023``); ``hd95`` (MedPy's) is kept for the
+``medpy`` definition. Dice, lesion matching and counts are the same for both.
+
+``matched_lesion_scores`` is the other rule set, that of the current official package ``BraTS-evaluation``
+(0.0.10, built on panoptica): one-to-one matching without dilation or merging (see its docstring).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+import math
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import cc3d
 import numpy as np
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from nnunetv2_ohem.evaluation.distances import hd95
-from nnunetv2_ohem.evaluation.lesions import EvaluationError, check_same_shape, voxel_volume
+from nnunetv2_ohem.evaluation.lesions import (EvaluationError, check_same_shape, lesion_sizes, overlap_pairs,
+                                              voxel_volume)
+
+HD95Function = Callable[[np.ndarray, np.ndarray, Sequence[float]], float]
 
 #: sub-challenge -> (dilation iterations d, minimum reference lesion volume in mm³)
 LESION_WISE_PARAMETERS: Dict[str, Tuple[int, float]] = {
@@ -73,10 +81,11 @@ def _union_box(boxes: Sequence[Sequence[slice]]) -> Tuple[slice, ...]:
 
 
 def lesion_wise_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], dilation_iterations: int,
-                       min_volume_mm3: float, penalty_mm: float = LESION_WISE_PENALTY_MM) -> LesionWiseResult:
+                       min_volume_mm3: float, penalty_mm: float = LESION_WISE_PENALTY_MM,
+                       hd95_fn: HD95Function = hd95) -> LesionWiseResult:
     """Lesion-wise Dice/HD95 of one binary 3D region (see the module docstring for the definition).
 
-    Each lesion is handled inside its bounding box padded by the dilation reach, so the cost grows with the
+    ``hd95_fn`` measures a lesion against its matched components (``surface_hd95`` for BraTS 2023). Each lesion is handled inside its bounding box padded by the dilation reach, so the cost grows with the
     lesions' size, not with the image's.
     """
     check_same_shape(ref, pred)
@@ -111,7 +120,7 @@ def lesion_wise_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[floa
             pr_k = np.isin(pred_ids[box], matched)
             inter = int(np.count_nonzero(gt_k & pr_k))
             dice_k = 2.0 * inter / (n_voxels + int(pred_sizes[matched].sum()))
-            hd_k = hd95(gt_k, pr_k, spacing)
+            hd_k = hd95_fn(gt_k, pr_k, spacing)
         lesions.append({"id": k, "volume_mm3": n_voxels * vox, "kept": n_voxels * vox > min_volume_mm3,
                         "matched": matched.tolist(), "dice": dice_k, "hd95": hd_k})
     n_fp = int(np.count_nonzero(~matched_any[1:]))
@@ -133,3 +142,97 @@ def lesion_wise_parameters(challenge: str) -> Tuple[int, float]:
         raise EvaluationError(f"unknown BraTS lesion-wise sub-challenge '{challenge}', use one of "
                               f"{sorted(LESION_WISE_PARAMETERS)}")
     return LESION_WISE_PARAMETERS[key]
+
+
+#: BraTS-evaluation's penalty for an infinite HD95 ("diameter of the cube in SRI space")
+PANOPTICA_PENALTY_MM = 373.0
+#: panoptica's MaxBipartiteMatching threshold in BraTS-evaluation's configs: Dice >= 1e-6, i.e. any overlap
+PANOPTICA_MIN_DICE = 1e-6
+#: BraTS-evaluation's ``mets`` parser: reference lesions of at least this volume are scored (``vol_threshold``)
+METS_MIN_VOLUME_MM3 = 20.0
+
+
+def _pairs_in_box(ids_a: np.ndarray, i: int, ids_b: np.ndarray, j: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Masks of label i of ``ids_a`` and label j of ``ids_b`` cropped to their joint box padded by one voxel."""
+    both = (ids_a == i) | (ids_b == j)
+    nz = np.nonzero(both)
+    box = tuple(slice(max(int(a.min()) - 1, 0), int(a.max()) + 2) for a in nz)
+    return ids_a[box] == i, ids_b[box] == j
+
+
+def matched_lesion_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], penalise: bool,
+                          min_volume_mm3: float = METS_MIN_VOLUME_MM3, penalty_mm: float = PANOPTICA_PENALTY_MM,
+                          hd95_fn: HD95Function = hd95) -> LesionWiseResult:
+    """Lesion-wise Dice/HD95 of one binary 3D region under BraTS-evaluation's rules (panoptica matching).
+
+    Definition (BraTS-evaluation 0.0.10: panoptica ``ConnectedComponentsInstanceApproximator`` +
+    ``MaxBipartiteMatching(DSC, 1e-6)`` and its ``metrics_parser``):
+
+    1. Lesions: 26-connected components of R and of P (no dilation, no merging, no size threshold).
+    2. Matching: one-to-one, maximising Σ Dice over pairs with Dice(R_i, P_j) >= 1e-6 (any overlap), solved
+       as panoptica does with ``scipy.optimize.linear_sum_assignment`` on cost 1 - Dice (1 + 1e-6 for other
+       pairs; an assignment of cost >= 1 is no match).
+    3. A matched pair scores Dice(R_i, P_j) and HD95(R_i, P_j) in mm (``hd95_fn``, MedPy's definition as in
+       panoptica, with the spacing in the right axis order).
+    4. ``penalise=False`` (``seg`` parser, GLI/PED/MEN/GoAT configs): Dice_LW and HD95_LW are the means over
+       the matched pairs only, so misses and false positives do not lower them. No matched pair: both masks
+       empty -> NaN; otherwise Dice 0 and HD95 ``penalty_mm`` (the package reports inf there).
+    5. ``penalise=True`` (``mets`` parser): the mean over one entry per reference lesion of volume >=
+       ``min_volume_mm3`` (its pair's scores, or 0 / ``penalty_mm`` when unmatched) plus 0 / ``penalty_mm``
+       for every unmatched predicted component; NaN when R has no lesion of that volume (also if P has
+       false positives: the package reports nothing for such a case).
+
+    Counts: n_tp = matched pairs, n_fn = reference lesions without a match, n_fp = predicted components
+    without a match (panoptica's tp / fn / fp, all sizes).
+    """
+    check_same_shape(ref, pred)
+    if np.ndim(ref) != 3:
+        raise EvaluationError(f"BraTS lesion-wise metrics need 3D masks, got {np.ndim(ref)}D")
+    ref_ids, n_ref = cc3d.connected_components(np.asarray(ref) != 0, connectivity=26, return_N=True)
+    pred_ids, n_pred = cc3d.connected_components(np.asarray(pred) != 0, connectivity=26, return_N=True)
+    vox = voxel_volume(spacing)
+    size_r, size_p = lesion_sizes(ref_ids, n_ref), lesion_sizes(pred_ids, n_pred)
+    pairs = overlap_pairs(ref_ids, n_ref, pred_ids, n_pred)
+    inside = (pairs.i > 0) & (pairs.j > 0)
+    pi, pj, pc = pairs.i[inside], pairs.j[inside], pairs.count[inside]
+    pair_dice = 2.0 * pc / (size_r[pi] + size_p[pj])
+    match_of = np.zeros(n_ref + 1, dtype=np.int64)  # reference lesion -> matched component (0: none)
+    if n_ref and n_pred:
+        cost = np.full((n_ref, n_pred), 1.0 + PANOPTICA_MIN_DICE)
+        ok = pair_dice >= PANOPTICA_MIN_DICE
+        cost[pi[ok] - 1, pj[ok] - 1] = 1.0 - pair_dice[ok]
+        rows, cols = linear_sum_assignment(cost)
+        valid = cost[rows, cols] < 1.0
+        match_of[rows[valid] + 1] = cols[valid] + 1
+    dice_of = {(int(i), int(j)): float(d) for i, j, d in zip(pi, pj, pair_dice)}
+    lesions: List[Dict] = []
+    for k in range(1, n_ref + 1):
+        m = int(match_of[k])
+        if m:
+            a, b = _pairs_in_box(ref_ids, k, pred_ids, m)
+            dice_k, hd_k = dice_of[(k, m)], float(hd95_fn(a, b, spacing))
+        else:
+            dice_k, hd_k = 0.0, float(penalty_mm)
+        volume = float(size_r[k]) * vox
+        lesions.append({"id": k, "volume_mm3": volume, "kept": (volume >= min_volume_mm3) if penalise else True,
+                        "matched": [m] if m else [], "dice": dice_k, "hd95": hd_k})
+    n_tp = int(np.count_nonzero(match_of))
+    n_fp = int(n_pred - n_tp)
+    matched = [les for les in lesions if les["matched"]]
+    if not penalise:
+        if matched:
+            dice_lw = sum(les["dice"] for les in matched) / len(matched)
+            hd_lw = sum(les["hd95"] for les in matched) / len(matched)
+        elif n_ref == 0 and n_pred == 0:
+            dice_lw, hd_lw = math.nan, math.nan
+        else:
+            dice_lw, hd_lw = 0.0, float(penalty_mm)
+    else:
+        kept = [les for les in lesions if les["kept"]]
+        if not kept:
+            dice_lw, hd_lw = math.nan, math.nan
+        else:
+            n = len(kept) + n_fp
+            dice_lw = sum(les["dice"] for les in kept) / n
+            hd_lw = (sum(les["hd95"] for les in kept) + penalty_mm * n_fp) / n
+    return LesionWiseResult(float(dice_lw), float(hd_lw), n_tp, int(n_ref - n_tp), n_fp, lesions)

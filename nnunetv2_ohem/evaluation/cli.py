@@ -12,7 +12,7 @@ from typing import List, Optional
 KIND_HELP = {
     "msseg2": "MSSEG-II: Dice, lesion-wise F1 (animaSegPerfAnalyzer rule), FP lesions/volume on lesion-free cases",
     "valdo": "VALDO task 3: DSC, absolute volume difference, detection F1 by centre of mass",
-    "brats": "BraTS: Dice and HD95 (mm) for WT/TC/ET, BraTS empty conventions",
+    "brats": "BraTS: Dice and HD95 (mm) for WT/TC/ET, per named definition (brats2025, brats2023, medpy)",
     "segmentation": "PA, MPA, per-class IoU, MIoU, FWIoU, per-class Dice from one confusion matrix",
 }
 TABLE_COLUMNS = {
@@ -51,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--year", default="auto", choices=["auto", "2020", "2021", "2023", "nnunet"],
                            help="label convention: 2020/2021 raw (1,2,4), 2023 raw (1 NETC, 2 SNFH, 3 ET), "
                                 "nnunet = Dataset137 (1 ED, 2 NCR, 3 ET); auto: 2021 if a 4 occurs, else nnunet")
-            p.add_argument("--empty_penalty_mm", type=float, default=373.1287,
-                           help="HD95 when exactly one of reference/prediction is empty")
+            p.add_argument("--definition", default="brats2025", choices=["brats2025", "brats2023", "medpy"],
+                           help="metric definition: brats2025 = BraTS-evaluation (panoptica) rules in mm "
+                                "(default), brats2023 = the 2023 script (surface-distance HD95), medpy = MedPy "
+                                "HD95 with 2023 lesion-wise rules; see docs/evaluation.md")
+            p.add_argument("--empty_penalty_mm", type=float, default=None,
+                           help="HD95 when exactly one of reference/prediction is empty (default: the "
+                                "definition's: 373, 374 or 373.1287)")
             p.add_argument("--lesion_wise", default=None, choices=["GLI", "SSA", "PED", "MEN", "MET"],
-                           help="add BraTS 2023 lesion-wise Dice/HD95 (ranking metrics) with this "
-                                "sub-challenge's dilation and minimum lesion volume")
+                           help="add lesion-wise Dice/HD95 (ranking metrics) of this sub-challenge under the "
+                                "definition's rules")
         else:
             p.add_argument("--num_classes", type=int, default=None, help="default: max label + 1")
     return parser
@@ -92,6 +97,7 @@ def format_table(df, agg: dict, kind: str) -> str:
                      f"R {_fmt(ch['pooled_recall'])})")
     elif kind == "brats":
         lines.append(f"label convention: {', '.join(ch['label_convention'])}")
+        lines.append(f"metric definition: {ch['definition']} ({ch['definition_follows']})")
     else:
         p = ch["pooled"]
         lines.append(f"pooled over cases: PA {_fmt(p['pixel_accuracy'])}  MPA {_fmt(p['mean_pixel_accuracy'])}  "
