@@ -1,5 +1,9 @@
-"""Momentum (exponential moving average) update of the miner network (Schmidt-Mengin et al. 2021, Alg. 1;
-the same update as MoCo's key encoder, He et al. CVPR 2020)."""
+"""Exponential moving average (EMA) of a network's weights: the update, its momentum schedule, and a weight swap.
+
+One home for both uses in this package: OHEM-EMA's miner (Schmidt-Mengin et al. 2021, Alg. 1; the same update
+as MoCo's key encoder, He et al. CVPR 2020) and the weight EMA of any trainer (Polyak averaging as in timm's
+``ModelEma``), wired into nnU-Net by :class:`nnunetv2_ohem.training.ema.EMAMixin`.
+"""
 from typing import List, Tuple
 
 import torch
@@ -58,3 +62,36 @@ def ema_update_(ema: nn.Module, online: nn.Module, momentum: float) -> None:
         torch._foreach_add_(float_e, float_o, alpha=1.0 - momentum)
     for e, o in zip(other_e, other_o):
         e.copy_(o)
+
+
+def ema_momentum_at(num_updates: int, momentum: float, warmup: bool = True) -> float:
+    """Momentum of update number ``num_updates`` (0-based): ``μ_t = min(μ, (1 + t) / (10 + t))`` with warm-up,
+    else ``μ``.
+
+    The ramp is TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=…)`` rule (also timm's
+    ``ModelEmaV2/V3`` option): the average starts from the random initial weights (w̄_0 = w_0), and with a
+    constant μ = 0.999 that start would still carry μ^t = 78 % of the weight after one nnU-Net epoch
+    (250 steps). With the ramp its weight is Π_s (1+s)/(10+s) ≈ 9!·t⁻⁹, negligible after a few dozen
+    steps, and μ_t reaches μ = 0.999 after ~9000 steps (36 epochs). Bias correction (Adam-style division by
+    1 − μ^t) is the alternative for a zero-initialised average; it does not apply to w̄_0 = w_0.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if num_updates < 0:
+        raise ValueError(f"num_updates must be >= 0, got {num_updates}")
+    return min(momentum, (1.0 + num_updates) / (10.0 + num_updates)) if warmup else momentum
+
+
+@torch.no_grad()
+def swap_weights_(a: nn.Module, b: nn.Module) -> None:
+    """In place: exchange the values of every parameter and buffer of ``a`` and ``b`` (same architecture).
+
+    Values move, tensors stay: storages, ``requires_grad``, optimizer references, DDP hooks and
+    ``torch.compile`` graphs of both modules are untouched, so a trainer can evaluate its EMA weights
+    through its own (wrapped, compiled) network and swap back. Extra memory: one tensor at a time.
+    """
+    float_a, float_b, other_a, other_b = _paired_tensors(unwrap_model(a), unwrap_model(b))
+    for x, y in zip(float_a + other_a, float_b + other_b):
+        tmp = x.clone()
+        x.copy_(y)
+        y.copy_(tmp)
