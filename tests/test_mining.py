@@ -275,3 +275,82 @@ def test_ema_and_selection_under_two_process_gloo_ddp(tmp_path):
         nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU(),
         nn.Conv3d(4, 3, 1)).state_dict().values()])
     assert not torch.allclose(a, init)  # the miner did move
+
+
+# ---------------------------------------------------------------- hard/random mix, recall, schedule, scoring
+from nnunetv2_ohem.mining.schedule import is_mining_step, mining_window  # noqa: E402
+from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_to_multiple,  # noqa: E402
+                                          resize_target_nearest, total_stride)
+from nnunetv2_ohem.mining.selection import hard_count, select_hard_and_random, selection_recall  # noqa: E402
+
+
+def test_hard_and_random_selection_keeps_the_hardest_and_draws_the_rest_uniformly():
+    g = torch.Generator().manual_seed(0)
+    errors = torch.randn(12, generator=g)
+    order = np.argsort(-errors.numpy(), kind="stable")
+    counts = np.zeros(12)
+    for trial in range(400):
+        idx = select_hard_and_random(errors, 4, 2, torch.Generator().manual_seed(trial)).tolist()
+        assert idx == sorted(idx) and len(set(idx)) == 4
+        assert set(order[:2]) <= set(idx)
+        counts[idx] += 1
+    # the 10 other candidates share the 2 random places evenly: expected 400·2/10 = 80 each
+    rest = counts[order[2:]]
+    assert rest.min() > 50 and rest.max() < 115
+    assert torch.equal(select_hard_and_random(errors, 4, 4), select_top_b(errors, 4))
+    same = [select_hard_and_random(errors, 4, 1, torch.Generator().manual_seed(7)).tolist() for _ in range(2)]
+    assert same[0] == same[1]
+    assert [hard_count(2, f) for f in (0.0, 0.25, 0.5, 1.0)] == [0, 0, 1, 2] and hard_count(32, 0.75) == 24
+    with pytest.raises(ValueError):
+        select_hard_and_random(errors, 4, 5)
+    with pytest.raises(ValueError):
+        hard_count(4, 1.5)
+
+
+def test_selection_recall_is_the_overlap_of_two_top_b_sets():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, b = int(rng.integers(2, 30)), None
+        b = int(rng.integers(1, n + 1))
+        a_err, r_err = torch.tensor(rng.normal(size=n)), torch.tensor(rng.normal(size=n))
+        sel, ref = select_top_b(a_err, b), select_top_b(r_err, b)
+        overlap = sum(1 for i in sel.tolist() if i in ref.tolist())
+        assert selection_recall(sel, ref) == pytest.approx(overlap / b)
+    assert selection_recall([3, 1], [1, 3]) == 1.0 and selection_recall([0, 2], [1, 3]) == 0.0
+    with pytest.raises(ValueError):
+        selection_recall([1, 2], [1])
+    with pytest.raises(ValueError):
+        selection_recall([1, 1], [1, 2])
+
+
+def test_mining_window_and_steps():
+    assert mining_window(1000, 0.0, 1.0) == (0, 1000)
+    assert mining_window(1000, 0.5, 0.9) == (500, 900)
+    w = mining_window(10, 0.25, 0.75)  # round(2.5) = 2 (banker's), round(7.5) = 8
+    assert w == (round(2.5), round(7.5))
+    assert [is_mining_step(s, w) for s in range(10)] == [w[0] <= s < w[1] for s in range(10)]
+    for bad in ((0.5, 0.4), (-0.1, 1.0), (0.0, 1.1)):
+        with pytest.raises(ValueError):
+            mining_window(10, *bad)
+
+
+def test_reduced_resolution_helpers_match_plain_references():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 6, 4, generator=g)
+    ref = x.reshape(2, 3, 4, 2, 3, 2, 2, 2).mean((3, 5, 7))
+    torch.testing.assert_close(downsample_images(x, 2), ref)
+    assert downsample_images(x, 1) is x
+    p = pad_to_multiple(x[:, :, :, :5, :3], (4, 4, 4))
+    assert p.shape[2:] == (8, 8, 4) and torch.equal(p[:, :, :, :5, :3], x[:, :, :, :5, :3])
+    assert float(p[:, :, :, 5:].abs().sum()) == 0
+    outs = [torch.zeros(1, 1, 8, 8, 4), torch.zeros(1, 1, 4, 4, 2)]
+    assert [tuple(o.shape[2:]) for o in crop_outputs(outs, (8, 5, 3), (8, 8, 4))] == [(8, 5, 3), (4, 3, 2)]
+    # nearest-exact resizing = nnU-Net's deep-supervision rule: for a factor 2 it picks every second voxel
+    # starting at index 0 (centre of [2i, 2i+2) rounded down in nearest-exact's half-pixel rule)
+    seg = torch.randint(0, 3, (2, 1, 8, 6, 4), generator=g).to(torch.int16)
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    ds = DownsampleSegForDSTransform([[1, 1, 1], [0.5, 0.5, 0.5]])
+    for i in range(2):
+        want = ds(segmentation=seg[i])["segmentation"][1]
+        assert torch.equal(resize_target_nearest(seg, (4, 3, 2))[i], want)
+    assert total_stride([[1, 1, 1], [2, 2, 2], [2, 2, 1]], 3) == (4, 4, 2)

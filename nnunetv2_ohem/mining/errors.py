@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_ohem.losses.blob import per_sample_blob_error, split_packed_target
+
 RANKING_ERRORS = ("dice", "dc_ce", "ce")
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -139,6 +141,47 @@ def per_sample_error(outputs: TensorOrList, targets: TensorOrList, kind: str = "
             continue
         e = w * fn(out, tgt, regions=regions, ignore_label=ignore_label, has_ignore_channel=has_ignore_channel)
         total = e if total is None else total + e
+    if total is None:
+        raise ValueError("all deep-supervision weights are zero")
+    return total
+
+
+def blob_ranking_error(outputs: TensorOrList, packed_targets: TensorOrList, num_instance_channels: int,
+                       alpha: float, beta: float, kind: str = "dc_ce", regions: bool = False,
+                       ds_weights: Optional[Sequence[float]] = None, weight_dice: float = 1.0,
+                       weight_bce: float = 1.0) -> torch.Tensor:
+    """Per-patch error of the blob-loss objective, shape (N,) fp32, for ranking OHEM candidates.
+
+    ``e_i = sum_j w_j * (alpha * e_global(out_j, seg_j)_i + beta * e_blob(out_j, inst_j)_i)`` with nnU-Net's
+    deep-supervision weights ``w_j`` (scales with ``w_j = 0`` skipped, as nnU-Net does; all 1 without weights),
+    ``e_global`` the per-patch error of kind ``kind`` (:func:`per_sample_error`; ``dc_ce`` is nnU-Net's DC+CE
+    with ``1 - Dice``) and ``e_blob`` :func:`~nnunetv2_ohem.losses.blob.per_sample_blob_error` (Kofler et al.,
+    "blob loss: instance imbalance aware loss functions for semantic segmentation", IPMI 2023; per image,
+    ``1 - Dice``). ``packed_targets`` are targets whose last ``num_instance_channels`` channels are instance
+    maps. On one patch this is the blob trainer's loss plus the constant
+    ``sum_j w_j * (alpha * w_dc + beta * w_dice * [patch has a blob at scale j])``.
+    """
+    if isinstance(outputs, torch.Tensor) != isinstance(packed_targets, torch.Tensor):
+        raise ValueError("outputs and targets must both be tensors or both be lists (deep supervision)")
+    if isinstance(outputs, torch.Tensor):
+        outputs, packed_targets = [outputs], [packed_targets]
+    if len(outputs) != len(packed_targets):
+        raise ValueError(f"{len(outputs)} outputs but {len(packed_targets)} targets")
+    weights = [1.0] * len(outputs) if ds_weights is None else list(ds_weights)
+    if len(weights) < len(outputs):
+        raise ValueError(f"{len(weights)} deep-supervision weights for {len(outputs)} outputs")
+    activation = "sigmoid" if regions else "softmax"
+    total = None
+    for w, out, tgt in zip(weights, outputs, packed_targets):
+        if w == 0:
+            continue
+        seg, inst = split_packed_target(tgt, num_instance_channels)
+        e = torch.zeros(out.shape[0], dtype=torch.float32, device=out.device)
+        if alpha != 0:
+            e = e + alpha * per_sample_error(out, seg, kind, regions=regions)
+        if beta != 0:
+            e = e + beta * per_sample_blob_error(out, inst, activation, weight_dice, weight_bce)
+        total = w * e if total is None else total + w * e
     if total is None:
         raise ValueError("all deep-supervision weights are zero")
     return total
