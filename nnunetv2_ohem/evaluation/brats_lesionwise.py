@@ -152,14 +152,6 @@ PANOPTICA_MIN_DICE = 1e-6
 METS_MIN_VOLUME_MM3 = 20.0
 
 
-def _pairs_in_box(ids_a: np.ndarray, i: int, ids_b: np.ndarray, j: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Masks of label i of ``ids_a`` and label j of ``ids_b`` cropped to their joint box padded by one voxel."""
-    both = (ids_a == i) | (ids_b == j)
-    nz = np.nonzero(both)
-    box = tuple(slice(max(int(a.min()) - 1, 0), int(a.max()) + 2) for a in nz)
-    return ids_a[box] == i, ids_b[box] == j
-
-
 def matched_lesion_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], penalise: bool,
                           min_volume_mm3: float = METS_MIN_VOLUME_MM3, penalty_mm: float = PANOPTICA_PENALTY_MM,
                           hd95_fn: HD95Function = hd95) -> LesionWiseResult:
@@ -197,20 +189,27 @@ def matched_lesion_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[f
     pi, pj, pc = pairs.i[inside], pairs.j[inside], pairs.count[inside]
     pair_dice = 2.0 * pc / (size_r[pi] + size_p[pj])
     match_of = np.zeros(n_ref + 1, dtype=np.int64)  # reference lesion -> matched component (0: none)
-    if n_ref and n_pred:
-        cost = np.full((n_ref, n_pred), 1.0 + PANOPTICA_MIN_DICE)
-        ok = pair_dice >= PANOPTICA_MIN_DICE
-        cost[pi[ok] - 1, pj[ok] - 1] = 1.0 - pair_dice[ok]
+    ok = pair_dice >= PANOPTICA_MIN_DICE
+    if ok.any():
+        # Only lesions with a candidate pair can be matched; dropping the others from panoptica's full cost
+        # matrix leaves the optimum unchanged (they could only take the 1 + 1e-6 "no match" cost).
+        rows_l, r_inv = np.unique(pi[ok], return_inverse=True)
+        cols_l, c_inv = np.unique(pj[ok], return_inverse=True)
+        cost = np.full((len(rows_l), len(cols_l)), 1.0 + PANOPTICA_MIN_DICE)
+        cost[r_inv, c_inv] = 1.0 - pair_dice[ok]
         rows, cols = linear_sum_assignment(cost)
         valid = cost[rows, cols] < 1.0
-        match_of[rows[valid] + 1] = cols[valid] + 1
+        match_of[rows_l[rows[valid]]] = cols_l[cols[valid]]
     dice_of = {(int(i), int(j)): float(d) for i, j, d in zip(pi, pj, pair_dice)}
+    ref_boxes = ndimage.find_objects(ref_ids, max_label=n_ref)
+    pred_boxes = ndimage.find_objects(pred_ids, max_label=n_pred)
     lesions: List[Dict] = []
     for k in range(1, n_ref + 1):
         m = int(match_of[k])
         if m:
-            a, b = _pairs_in_box(ref_ids, k, pred_ids, m)
-            dice_k, hd_k = dice_of[(k, m)], float(hd95_fn(a, b, spacing))
+            box = _box(_union_box([ref_boxes[k - 1], pred_boxes[m - 1]]), 1, ref_ids.shape)
+            hd_k = float(hd95_fn(ref_ids[box] == k, pred_ids[box] == m, spacing))
+            dice_k = dice_of[(k, m)]
         else:
             dice_k, hd_k = 0.0, float(penalty_mm)
         volume = float(size_r[k]) * vox
