@@ -337,3 +337,14 @@ def test_brats2025_lengths_are_mm_along_the_right_axis():
     row = brats.evaluate_brats_arrays(ref, pred, (3.0, 1.0, 1.0), "2023", lesion_wise="GLI")
     assert iso["hd95_ET"] == iso["lw_hd95_ET"] == 2.0
     assert row["hd95_ET"] == row["lw_hd95_ET"] == pytest.approx(_hd95_medpy(ref > 0, pred > 0, (3, 1, 1))) == 6.0
+
+
+def test_cli_offers_exactly_the_definitions():
+    from nnunetv2_ohem.evaluation.cli import build_parser
+
+    parser = build_parser()
+    for name in brats.DEFINITIONS:
+        assert parser.parse_args(["brats", "-ref", "r", "-pred", "p", "--definition", name]).definition == name
+    assert parser.parse_args(["brats", "-ref", "r", "-pred", "p"]).definition == brats.DEFAULT_DEFINITION
+    with pytest.raises(SystemExit):
+        parser.parse_args(["brats", "-ref", "r", "-pred", "p", "--definition", "brats2099"])
