@@ -91,10 +91,13 @@ DEFAULT_DEFINITION = "brats2025"
 
 
 def get_definition(name: str) -> Definition:
+    """The definition of this name (``brats2025``, ``brats2023``, ``medpy``); an unknown name is an error."""
     key = str(name).lower()
     if key not in DEFINITIONS:
         raise EvaluationError(f"unknown BraTS metric definition '{name}', use one of {sorted(DEFINITIONS)}")
     return DEFINITIONS[key]
+
+
 REGIONS = ("WT", "TC", "ET")
 CONVENTIONS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},

@@ -27,8 +27,8 @@ The lesion HD95 is a parameter: the official script uses DeepMind's ``surface-di
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import cc3d
@@ -85,7 +85,8 @@ def lesion_wise_scores(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[floa
                        hd95_fn: HD95Function = hd95) -> LesionWiseResult:
     """Lesion-wise Dice/HD95 of one binary 3D region (see the module docstring for the definition).
 
-    ``hd95_fn`` measures a lesion against its matched components (``surface_hd95`` for BraTS 2023). Each lesion is handled inside its bounding box padded by the dilation reach, so the cost grows with the
+    ``hd95_fn`` measures a lesion against its matched components (``surface_hd95`` for BraTS 2023). Each
+    lesion is handled inside its bounding box padded by the dilation reach, so the cost grows with the
     lesions' size, not with the image's.
     """
     check_same_shape(ref, pred)
