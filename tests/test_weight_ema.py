@@ -250,3 +250,52 @@ def test_stock_predictor_uses_the_ema_network(ema_trainer):
     gap = float((nets["ema"] - nets["online"]).abs().max())
     scale = float(nets["ema"].abs().max())
     assert err <= 2e-3 * scale and gap > 10 * err, (err, gap, scale)
+
+
+# ----------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, preprocessed_folder, plans_identifier, results_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddp_helpers import flat_state
+
+    os.environ["nnUNet_results"] = results_dir
+    plans = load_json(os.path.join(preprocessed_folder, plans_identifier + ".json"))
+    plans["continue_training"] = False
+    dj = load_json(os.path.join(preprocessed_folder, "dataset.json"))
+    tr = ema.nnUNetTrainerEMA_Debug(copy.deepcopy(plans), "2d", 0, dj, torch.device("cpu"))
+    tr.on_train_start()
+    res = {"ddp": isinstance(tr.network, DistributedDataParallel), "batch_size": tr.batch_size}
+    tr.on_train_epoch_start()
+    for _ in range(3):
+        tr.train_step(next(tr.dataloader_train))
+    res.update(ema=flat_state(tr.ema_model), online=flat_state(tr.network))
+    with torch.no_grad():  # the per-epoch validation with the EMA swapped in (gathers tp/fp/fn over ranks)
+        tr.on_validation_epoch_start()
+        tr.on_validation_epoch_end([tr.validation_step(next(tr.dataloader_val))])
+    res["online_after_validation"] = flat_state(tr.network)
+    ckpt = os.path.join(tr.output_folder, "checkpoint_latest.pth")
+    tr.save_checkpoint(ckpt)  # rank 0 only
+    dist.barrier()
+    tr2 = ema.nnUNetTrainerEMA_Debug(copy.deepcopy(plans), "2d", 0, dj, torch.device("cpu"))
+    tr2.load_checkpoint(ckpt)
+    res.update(loaded_ema=flat_state(tr2.ema_model), loaded_online=flat_state(tr2.network))
+    for dl in (tr.dataloader_train, tr.dataloader_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
+    return res
+
+
+@pytest.mark.slow
+def test_ema_identical_across_ddp_ranks(tiny_dataset, tmp_path):
+    from ddp_helpers import run_ddp
+
+    r0, r1 = run_ddp(_ddp_worker, 2, (tiny_dataset.preprocessed_folder, tiny_dataset.plans_identifier,
+                                      str(tmp_path)))
+    assert r0["ddp"] and r1["ddp"] and (r0["batch_size"], r1["batch_size"]) == (1, 1)
+    # each rank trains on its own patches; the gradients are all-reduced, so online and EMA agree bit for bit
+    assert torch.equal(r0["online"], r1["online"]) and torch.equal(r0["ema"], r1["ema"])
+    assert not torch.equal(r0["ema"], r0["online"])
+    for r in (r0, r1):
+        assert torch.equal(r["online_after_validation"], r["online"])
+        assert torch.equal(r["loaded_ema"], r0["ema"]) and torch.equal(r["loaded_online"], r0["online"])
