@@ -1,0 +1,313 @@
+"""nnunetv2_ohem_compare: statistics against a hand computation, model selection on a fixed table (with a
+lesion-free fold), one-line errors, the submitit launcher path and (slow) a real comparison on the tiny
+dataset: rows, reuse, a changed setting refused, an evaluation-only change, the launcher through submitit."""
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from nnunetv2_ohem.compare import engine, metrics, select
+from nnunetv2_ohem.compare.cli import main
+from nnunetv2_ohem.compare.report import summary_markdown
+from nnunetv2_ohem.compare.stats import paired_differences, summarize_runs
+
+# two trainers x three folds (seed 0) + one trainer with a single run, in a second budget
+FIXED_CSV = """budget,trainer,fold,seed,epochs,train_seconds,lesion_f1_pooled,dice
+iterations,A,0,0,10,100,0.50,0.60
+iterations,A,1,0,10,110,0.40,0.55
+iterations,A,2,0,10,105,0.70,0.65
+iterations,B,0,0,10,200,0.60,0.62
+iterations,B,1,0,10,190,0.55,0.50
+iterations,B,2,0,10,210,0.90,0.70
+time,A,0,0,10,100,0.50,0.60
+time,B,0,0,5,100,0.45,0.58
+"""
+
+
+def _fixed() -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(FIXED_CSV))
+
+
+def _hand_ci(x):
+    x = np.asarray(x, float)
+    m, s, n = x.mean(), x.std(ddof=1), len(x)
+    half = stats.t.ppf(0.975, n - 1) * s / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def test_summary_and_paired_differences_match_hand_computation():
+    df = _fixed()
+    summ = summarize_runs(df, ["lesion_f1_pooled", "dice"]).set_index(["budget", "trainer"])
+    for trainer, values in (("A", [0.50, 0.40, 0.70]), ("B", [0.60, 0.55, 0.90])):
+        m, lo, hi = _hand_ci(values)
+        row = summ.loc[("iterations", trainer)]
+        assert row["n_runs"] == 3
+        assert row["lesion_f1_pooled_mean"] == pytest.approx(m)
+        assert row["lesion_f1_pooled_lo"] == pytest.approx(lo)
+        assert row["lesion_f1_pooled_hi"] == pytest.approx(hi)
+    assert math.isnan(summ.loc[("time", "B"), "lesion_f1_pooled_lo"])  # one run: no interval
+
+    diffs = paired_differences(df, "A", ["lesion_f1_pooled", "dice"])
+    d = np.array([0.60 - 0.50, 0.55 - 0.40, 0.90 - 0.70])  # paired by fold
+    m, lo, hi = _hand_ci(d)
+    t_stat = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    p = 2 * stats.t.sf(abs(t_stat), 2)
+    got = diffs[(diffs["budget"] == "iterations") & (diffs["metric"] == "lesion_f1_pooled")].iloc[0]
+    assert got["trainer"] == "B" and got["n"] == 3
+    assert (got["mean"], got["lo"], got["hi"], got["p"]) == pytest.approx((m, lo, hi, p))
+    one = diffs[(diffs["budget"] == "time") & (diffs["metric"] == "dice")].iloc[0]
+    assert one["n"] == 1 and math.isnan(one["p"])
+
+    info = {"config": {"dataset_name": "Dataset001_X", "configuration": "3d_fullres", "plans": "P",
+                       "trainers": ["A", "B"], "folds": [0, 1, 2], "seeds": [0], "budgets": ["iterations", "time"],
+                       "metric": "msseg2", "launcher": "local", "device": "cpu", "command": "nnunetv2_ohem_compare x"},
+            "date": "2026-12-01", "runs": {}}
+    md = summary_markdown(df, info, ["lesion_f1_pooled", "dice"])
+    assert f"{m:.3f} [{lo:.3f}, {hi:.3f}]" in md
+    assert "no CI, n = 1" in md and "too few pairs for a test" in md
+    assert "Too few runs for a confidence interval" in md  # the time budget has one run per trainer
+    assert "nan" not in md.lower()
+    assert "nnunetv2_ohem_compare x" in md
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+def _selection_table() -> pd.DataFrame:
+    """msseg2 rows: fold 2 validated only lesion-free cases. A finds more lesions but floods the lesion-free
+    fold with false positives; B is more precise."""
+    rows = []
+    #            trainer fold tp_pred n_pred tp_ref n_ref lesion_f1 (per-case mean, NaN without lesions)
+    for tr, fold, tpp, npred, tpr, nref, f1 in (("A", 0, 4, 5, 4, 5, 0.80), ("A", 1, 3, 4, 3, 4, 0.75),
+                                                 ("A", 2, 0, 9, 0, 0, math.nan),
+                                                 ("B", 0, 3, 3, 3, 5, 0.75), ("B", 1, 3, 3, 3, 4, 0.75),
+                                                 ("B", 2, 0, 0, 0, 0, math.nan)):
+        rows.append({"budget": "iterations", "trainer": tr, "fold": fold, "seed": 0, "epochs": 2,
+                     "train_seconds": 1.0, "tp_pred_lesions": tpp, "n_pred_lesions": npred, "tp_ref_lesions": tpr,
+                     "n_ref_lesions": nref, "fp_lesions": npred - tpp, "fn_lesions": nref - tpr, "lesion_f1": f1,
+                     "lesion_f1_pooled": metrics.f1_from_counts(tpp, npred, tpr, nref), "evaluated_on": "validation",
+                     "run_dir": f"runs/iterations/{tr}/seed_0/fold_{fold}",
+                     "predictions": f"runs/iterations/{tr}/seed_0/fold_{fold}/none"})
+    return pd.DataFrame(rows)
+
+
+def _hand_f1(tpp, npred, tpr, nref):
+    p, r = tpp / npred, tpr / nref
+    return 2 * p * r / (p + r)
+
+
+def test_selection_with_a_lesion_free_fold_picks_the_pooled_winner(tmp_path, capsys):
+    df = _selection_table()
+    ranked = select.rank_trainers(df, "msseg2", "lesion_f1_pooled", "iterations", ["A", "B"])
+    assert ranked["trainer"].tolist() == ["B", "A"]
+    assert ranked.set_index("trainer").loc["A", "score"] == pytest.approx(_hand_f1(7, 18, 7, 9))
+    assert ranked.set_index("trainer").loc["B", "score"] == pytest.approx(_hand_f1(6, 6, 6, 9))
+    assert (ranked["runs_without_reference_lesions"] == 1).all()
+    # by the per-case lesion F1 (NaN on the lesion-free fold, left out) A would win: the FPs are invisible
+    by_mean = select.rank_trainers(df, "msseg2", "lesion_f1", "iterations", ["A", "B"])
+    assert by_mean.iloc[0]["trainer"] == "A" and by_mean.iloc[0]["runs_without_value"] == 1
+    # lower is better for FP counts
+    assert select.rank_trainers(df, "msseg2", "fp_lesions", "iterations").iloc[0]["trainer"] == "B"
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    df.to_csv(out / "results.csv", index=False)
+    (out / "compare.json").write_text(json.dumps({"config": {
+        "dataset_name": "Dataset991_Phantom", "dataset_id": 991, "configuration": "3d_fullres", "plans": "P",
+        "trainers": ["A", "B"], "metric": "msseg2", "test_labels": None}}))
+    assert main(["select", "-o", str(out), "--no_postprocessing_check"]) == 0
+    text = capsys.readouterr().out
+    assert "Winner: **B**" in text
+    assert "-tr B_Compare -f 0 1 2" in text and "nnUNetv2_predict" in text
+    assert "deletes all but one lesion" in text
+    assert (out / "selection.md").read_text().strip() == text.strip()
+    assert main(["select", "-o", str(out), "--by", "no_such_metric"]) == 2
+    assert "no such column" in capsys.readouterr().err
+
+
+def test_keep_largest_component_and_nnunet_dice():
+    m = np.zeros((1, 8, 8), np.uint8)
+    m[0, 0:3, 0:3] = 1   # 9 voxels
+    m[0, 6:8, 6:8] = 1   # 4 voxels
+    m[0, 4, 4] = 1       # touches neither (diagonal gaps of two)
+    kept = select.keep_largest_component(m)
+    assert kept.sum() == 9 and kept[0, 0:3, 0:3].all()
+    assert math.isnan(select.nnunet_dice(np.zeros(4), np.zeros(4)))
+    assert select.nnunet_dice(m, kept) == pytest.approx(2 * 9 / (9 + 14))
+
+
+# ------------------------------------------------------------------------------------------ errors, inputs
+
+def _fake_preprocessed(root, name="Dataset997_Fake", data=True, n_cases=6):
+    folder = root / name
+    (folder / "gt_segmentations").mkdir(parents=True)
+    for i in range(n_cases):
+        (folder / "gt_segmentations" / f"case{i}.nii.gz").write_bytes(b"")
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    (folder / "P.json").write_text(json.dumps({"configurations": {"3d_fullres": {"data_identifier": "P_3d"}}}))
+    if data:
+        (folder / "P_3d").mkdir()
+        (folder / "P_3d" / "case0.b2nd").write_bytes(b"")
+    return folder
+
+
+def _one_line_error(capsys, argv, code):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("nnunetv2_ohem_compare: error: ")
+    return err
+
+
+def test_one_line_errors_for_unpreprocessed_data_and_unknown_trainer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    base = ["-c", "3d_fullres", "-p", "P", "-o", str(tmp_path / "out"), "--device", "cpu", "--no_progress"]
+    err = _one_line_error(capsys, ["-d", "998", *base], 1)
+    assert "dataset 998 is not preprocessed" in err
+    _fake_preprocessed(tmp_path, data=False)
+    err = _one_line_error(capsys, ["-d", "997", *base], 1)
+    assert "not preprocessed for 3d_fullres" in err and "nnUNetv2_preprocess -d 997" in err
+    folder = _fake_preprocessed(tmp_path, "Dataset996_Fake")
+    err = _one_line_error(capsys, ["-d", "996", "-c", "2d", "-p", "P", "-o", str(tmp_path / "out")], 2)
+    assert "not a configuration" in err
+    err = _one_line_error(capsys, ["-d", "996", *base, "-f", "7"], 2)
+    assert "fold(s) [7] do not exist" in err
+    # nnU-Net's own 5-fold split was written (seed 12345), so parallel runs never race for it
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    with open(folder / "splits_final.json") as f:
+        assert json.load(f) == generate_crossval_split([f"case{i}" for i in range(6)], seed=12345, n_splits=5)
+    err = _one_line_error(capsys, ["-d", "996", *base, "-tr", "nnUNetTrainer", "nnUNetTrainerDoesNotExist"], 2)
+    assert "unknown trainer(s) nnUNetTrainerDoesNotExist" in err
+    assert not (tmp_path / "out").exists()  # nothing was written before the checks
+
+
+def test_trainer_wrapper_resolves_any_trainer_name():
+    from nnunetv2_ohem.compare import trainers
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    cls = trainers.make_compare_trainer("nnUNetTrainer_Debug_Compare")
+    assert cls.__name__ == "nnUNetTrainer_Debug_Compare" and issubclass(cls, nnUNetTrainer)
+    assert cls.__mro__[1].__name__ == "nnUNetTrainer_Debug"
+    with pytest.raises(AttributeError):
+        trainers.make_compare_trainer("nnUNetTrainerDoesNotExist_Compare")
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+def test_submitit_launcher_collects_the_same_rows_as_local(tmp_path):
+    specs = [{"run_dir": str(tmp_path / f"run{i}"), "train": {"trainer": "T", "fold": i, "seed": 0},
+              "tag": f"run {i}", "value": i * i} for i in range(3)]
+    # dict(spec) is a picklable stand-in for execute_run: the rows must come back complete and in spec order
+    local = engine.launch_local(specs, 2, "local", False, fn=dict)
+    via_submitit = engine.launch_submitit(specs, "submitit_local", engine.SlurmOptions(time_min=5), "submitit",
+                                          False, fn=dict)
+    assert via_submitit == local == specs
+    assert all((tmp_path / f"run{i}" / "submitit").is_dir() for i in range(3))  # logs per run
+
+
+def test_equal_time_budget_scales_epochs_and_reuses_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    _fake_preprocessed(tmp_path / "pre", "Dataset995_Fake")
+    launched = []
+
+    def fake_run(spec):  # B costs 2x per epoch: at equal time it gets half the epochs
+        t = spec["train"]
+        epochs = 10 if t["epochs"] == "trainer default" else t["epochs"]
+        cost = 2.0 if t["trainer"] == "nnUNetTrainer_Debug" else 1.0
+        launched.append((t["budget"], t["trainer"], t["fold"], epochs))
+        row = {"budget": t["budget"], "trainer": t["trainer"], "fold": t["fold"], "seed": t["seed"],
+               "epochs": epochs, "train_seconds": cost * epochs, "lesion_f1_pooled": 0.5, "lesion_f1": 0.5,
+               "dice": 0.5, "fp_lesions_lesion_free": 0.0, "run_dir": os.path.relpath(spec["run_dir"], spec["out"])}
+        os.makedirs(spec["run_dir"], exist_ok=True)
+        with open(os.path.join(spec["run_dir"], engine.RECORD), "w") as f:
+            json.dump({"train": t, "eval": spec["eval"], "row": row, "epoch_times": [cost] * epochs}, f)
+        return row
+
+    monkeypatch.setattr(engine, "execute_run", fake_run)
+    monkeypatch.setattr("nnunetv2_ohem.compare.report.plot_png", lambda *a, **k: b"png")
+    cfg = engine.CompareConfig(dataset="995", configuration="3d_fullres", plans="P", out=str(tmp_path / "out"),
+                               trainers=("nnUNetTrainer", "nnUNetTrainer_Debug"), folds=(0, 1), budget="both",
+                               device="cpu", progress=False)
+    res = engine.run_compare(cfg)
+    assert sorted(launched) == sorted([("iterations", t, f, 10) for t in cfg.trainers for f in (0, 1)]
+                                      + [("time", "nnUNetTrainer_Debug", f, 5) for f in (0, 1)])
+    table = res["results"].set_index(["budget", "trainer", "fold"])
+    assert table.loc[("time", "nnUNetTrainer", 0), "reused_from"] == "iterations"
+    assert table.loc[("time", "nnUNetTrainer_Debug", 1), "epochs"] == 5
+    assert res["epochs_equal_time"] == {"nnUNetTrainer": 10, "nnUNetTrainer_Debug": 5}
+    launched.clear()
+    engine.run_compare(cfg)  # everything finished: nothing launched again
+    assert launched == []
+
+
+# ---------------------------------------------------------------------------------------- real, end to end
+
+def _records(out):
+    found = {}
+    for root, _, files in os.walk(out):
+        for name in files:
+            if name in ("run.json", "train.log"):
+                p = os.path.join(root, name)
+                found[p] = os.stat(p).st_mtime_ns
+    return found
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["-d", str(tiny_dataset.dataset_id), "-c", "3d_fullres", "-p", tiny_dataset.plans_identifier,
+            "-tr", "nnUNetTrainer_Debug", "nnUNetTrainerOHEMEMA_Debug", "-f", "0", "1", "--device", "cpu",
+            "--jobs", "2", "-o", out, "--no_progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    res = pd.read_csv(os.path.join(out, "results.csv"))
+    assert len(res) == 4
+    assert set(zip(res["trainer"], res["fold"])) == {(t, f) for t in ("nnUNetTrainer_Debug",
+                                                                      "nnUNetTrainerOHEMEMA_Debug") for f in (0, 1)}
+    assert (res["epochs"] == 2).all() and (res["iterations_per_epoch"] == 5).all()
+    assert (res["train_seconds"] > 0).all()
+    for col in ("dice_all_cases", "n_cases", "n_pred_lesions", "fp_lesions", "fn_lesions", "tp_ref_lesions"):
+        assert np.isfinite(res[col]).all(), col
+    has_lesions = res["n_ref_lesions"] > 0
+    assert np.isfinite(res.loc[has_lesions, "lesion_f1_pooled"]).all()
+    md = open(os.path.join(out, "summary.md")).read()
+    assert "nnUNetTrainerOHEMEMA_Debug" in md and "paired by (fold, seed)" in md and " ".join(argv[:4]) in md
+    assert "data:image/png;base64," in open(os.path.join(out, "report.html")).read()
+
+    before = _records(out)
+    csv_before = open(os.path.join(out, "results.csv")).read()
+    assert main(argv) == 0  # a rerun reuses every run: no record or log touched
+    assert "0 run(s) trained, 0 re-evaluated, 4 reused" in capsys.readouterr().out
+    assert _records(out) == before
+    assert open(os.path.join(out, "results.csv")).read() == csv_before
+
+    err = _one_line_error(capsys, argv + ["--epochs", "3"], 1)  # a changed setting is refused, not mixed
+    assert "already trained with other settings" in err and "--rerun" in err
+    assert _records(out) == before and open(os.path.join(out, "results.csv")).read() == csv_before
+
+    assert main(argv + ["--metric", "valdo"]) == 0  # evaluation-only change: re-scored, not re-trained
+    assert "0 run(s) trained, 4 re-evaluated" in capsys.readouterr().out
+    after = _records(out)
+    assert {p: t for p, t in after.items() if p.endswith("train.log")} == \
+           {p: t for p, t in before.items() if p.endswith("train.log")}
+    assert "f1" in pd.read_csv(os.path.join(out, "results.csv")).columns
+
+    assert main(["select", "-o", out]) == 0
+    text = capsys.readouterr().out
+    assert "Winner:" in text and "nnUNetv2_predict" in text and "keep the largest connected component" in text
+
+    # the SLURM code path (submitit, its local executor) trains the same run to the same row
+    out2 = str(tmp_path / "cmp_submitit")
+    argv2 = ["-d", str(tiny_dataset.dataset_id), "-c", "3d_fullres", "-p", tiny_dataset.plans_identifier,
+             "-tr", "nnUNetTrainer_Debug", "-f", "0", "--device", "cpu", "-o", out2, "--no_progress"]
+    assert main(argv2 + ["--launcher", "submitit_local"]) == 0, capsys.readouterr().err
+    via = pd.read_csv(os.path.join(out2, "results.csv"))
+    assert os.path.isdir(os.path.join(out2, "runs", "iterations", "nnUNetTrainer_Debug", "seed_0", "fold_0",
+                                      "submitit"))
+    local = pd.read_csv(io.StringIO(csv_before))
+    local = local[(local["trainer"] == "nnUNetTrainer_Debug") & (local["fold"] == 0)]
+    timing = {"train_seconds", "train_wall_seconds", "mean_epoch_seconds"}
+    cols = [c for c in local.columns if c not in timing]
+    pd.testing.assert_frame_equal(via[cols].reset_index(drop=True), local[cols].reset_index(drop=True))
