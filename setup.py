@@ -68,7 +68,7 @@ setup(
     + ["nnunetv2_ohem.dataset_conversion"],
     package_dir={"nnunetv2_ohem.dataset_conversion": "dataset_conversion"},
     include_package_data=True,
-    package_data={"nnunetv2_ohem": ["_nnunet_ext/*.py", "demo/*.html"]},
+    package_data={"nnunetv2_ohem": ["_nnunet_ext/*.py", "demo/*.html", "compare/_ext/*.py"]},
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",
         # nnU-Net itself excludes 2.9.* (slow 3D convolutions); 2.13/2.14 are what we test on.
@@ -91,7 +91,9 @@ setup(
     extras_require={
         # nnUNetTrainerBlobLoss_VALDO only (Kofler et al. used Ranger21); unmaintained, hence optional
         "valdo": VALDO_EXTRA,
-        "test": ["pytest>=8,<10", "MedPy>=0.5,<0.6"] + VALDO_EXTRA,
+        # nnunetv2_ohem_compare --launcher slurm (one SLURM job per run)
+        "cluster": ["submitit>=1.5,<2"],
+        "test": ["pytest>=8,<10", "MedPy>=0.5,<0.6", "submitit>=1.5,<2"] + VALDO_EXTRA,
     },
     entry_points={
         "console_scripts": [
@@ -100,6 +102,7 @@ setup(
             "nnunetv2_ohem_evaluate=nnunetv2_ohem.evaluation.cli:main",
             "nnunetv2_ohem_plan=nnunetv2_ohem.plans.cli:main",
             "nnunetv2_ohem_phantoms=nnunetv2_ohem.phantoms.cli:main",
+            "nnunetv2_ohem_compare=nnunetv2_ohem.compare.cli:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
