@@ -511,6 +511,7 @@ def launch_local(specs: List[Dict], jobs: int, desc: str, progress: bool, fn=Non
     rows: List[Optional[Dict]] = [None] * len(specs)
     bar = _bar(len(specs), desc, progress)
     pool = ThreadPoolExecutor(max_workers=jobs)
+    futures: Dict = {}
     try:
         futures = {pool.submit(fn, s): i for i, s in enumerate(specs)}
         for fut in as_completed(futures):

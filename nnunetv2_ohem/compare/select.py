@@ -129,6 +129,7 @@ def postprocessing_check(out: str, info: Dict, runs: pd.DataFrame, by: str) -> L
     import SimpleITK as sitk
 
     from nnunetv2_ohem.evaluation.api import evaluate_folders
+    from nnunetv2_ohem.evaluation.io import match_cases
     cfg = info["config"]
     family = cfg["metric"]
     if family not in COUNT_COLUMNS:
@@ -144,16 +145,15 @@ def postprocessing_check(out: str, info: Dict, runs: pd.DataFrame, by: str) -> L
         pp_dir = os.path.join(os.path.abspath(out), "select", "postprocessed", r["run_dir"])
         os.makedirs(pp_dir, exist_ok=True)
         before, _ = evaluate_folders(family, ref_dir, pred_dir)
-        for case in sorted(os.listdir(ref_dir)):
-            ref_img = sitk.ReadImage(os.path.join(ref_dir, case))
-            pred_img = sitk.ReadImage(os.path.join(pred_dir, case))
-            ref, pred = sitk.GetArrayFromImage(ref_img), sitk.GetArrayFromImage(pred_img)
+        for _, ref_path, pred_path in match_cases(ref_dir, pred_dir):
+            pred_img = sitk.ReadImage(pred_path)
+            ref, pred = sitk.GetArrayFromImage(sitk.ReadImage(ref_path)), sitk.GetArrayFromImage(pred_img)
             pp = keep_largest_component(pred)
             dice_before.append(nnunet_dice(ref, pred))
             dice_after.append(nnunet_dice(ref, pp))
             out_img = sitk.GetImageFromArray(pp)
             out_img.CopyInformation(pred_img)
-            sitk.WriteImage(out_img, os.path.join(pp_dir, case))
+            sitk.WriteImage(out_img, os.path.join(pp_dir, os.path.basename(pred_path)))
         after, _ = evaluate_folders(family, ref_dir, pp_dir)
         frames_before.append(before)
         frames_after.append(after)
