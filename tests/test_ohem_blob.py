@@ -142,19 +142,17 @@ def test_train_step_trains_top_b_by_blob_error_moves_ema_and_uses_blob_loss(trai
     np.testing.assert_allclose(tr.last_selection["errors"].numpy(), ref, rtol=1e-4, atol=1e-5)
     expected = sorted(np.argsort(-ref, kind="stable")[:b].tolist())
     assert tr.last_selection["indices"].tolist() == expected
-    assert torch.equal(trained["data"], data[expected])
-    # every scale's target travels with its patch: label AND instance channels
-    assert len(trained["target"]) == len(target)
-    for t_sel, t_all in zip(trained["target"], target):
-        assert torch.equal(t_sel, t_all[expected])
     assert ref[expected].min() > np.delete(ref, expected).max()
+    # candidate mode "crops": the winners were re-cropped and augmented by the blob trainer's own training
+    # transforms, so every scale's target carries label AND instance channels
+    assert "bboxes" in batch and trained is tr.last_selection["trained"] and trained["data"].shape[0] == b
+    assert len(trained["target"]) == len(target) and all(t.shape[1] == 2 for t in trained["target"])
 
-    # the trained loss is alpha * DC+CE + beta * blob loss of the selected sub-batch under the pre-step online net
+    # the trained loss is alpha * DC+CE + beta * blob loss of the trained batch under the pre-step online net
     with torch.no_grad():
-        outs = online_before(data[expected])
-        want = sum(w * (tr.blob_alpha * glob(o, t[expected][:, :1])
-                        + tr.blob_beta * blob_loss(o, t[expected][:, 1:].long()))
-                   for w, o, t in zip(weights, outs, target) if w)
+        outs = online_before(trained["data"])
+        want = sum(w * (tr.blob_alpha * glob(o, t[:, :1]) + tr.blob_beta * blob_loss(o, t[:, 1:].long()))
+                   for w, o, t in zip(weights, outs, trained["target"]) if w)
     assert abs(float(result["loss"]) - float(want)) < 1e-5 * max(1.0, abs(float(want)))
 
     mu = tr.ema_momentum
@@ -190,10 +188,13 @@ def test_stock_lookup_finds_the_trainer_by_name():
 
 
 def test_validation_scores_candidates_in_chunks_on_the_plain_label(trainer):
-    """OHEM's chunked validation over B̄ patches wraps the blob trainer's: Dice counts from the label channel only."""
+    """Validation batches are nnU-Net's own (B patches); a larger batch is validated in chunks of B through the
+    blob trainer's validation: Dice counts from the label channel only."""
     trainer.on_validation_epoch_start()
-    vbatch = next(trainer.dataloader_val)
-    assert vbatch["data"].shape[0] == trainer.num_candidates
+    parts = [next(trainer.dataloader_val) for _ in range(2)]
+    assert parts[0]["data"].shape[0] == trainer.batch_size
+    vbatch = {"data": torch.cat([p["data"] for p in parts]),
+              "target": [torch.cat(t) for t in zip(*[p["target"] for p in parts])]}
     seg = vbatch["target"][0][:, :1].clone()
     out = trainer.validation_step(vbatch)
     assert out["tp_hard"].shape == (1,)

@@ -20,6 +20,11 @@ from ohem_helpers import train_step_capturing_subbatch
 PAPER_DATASET_ID = 901
 
 
+class OHEMEMAAugmented_Debug(ohem.nnUNetTrainerOHEMEMA_Debug):
+    """Candidates = B̄ nnU-Net-augmented patches: the trained batch is a sub-batch of the candidate batch."""
+    ohem_candidates = "augmented"
+
+
 def make_trainer(ds, cls, configuration="3d_fullres", dataset_json=None, start=True):
     plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
     plans["continue_training"] = False
@@ -54,6 +59,10 @@ def assert_trained_on_top_b_and_ema(tr, batch, trained, miner_before, ref):
     assert batch["data"].shape[0] == tr.candidate_factor * b
     expected = sorted(np.argsort(-ref, kind="stable")[:b].tolist())
     assert tr.last_selection["indices"].tolist() == expected
+    if "bboxes" in batch:  # crops: the winners, re-cropped and augmented, are what nnU-Net trained on
+        assert trained is tr.last_selection["trained"] and trained["data"].shape[0] == b
+        assert trained["data"].shape[1:] == batch["data"].shape[1:]
+        return _assert_ema(tr, miner_before)
     assert torch.equal(trained["data"], batch["data"][expected])
     tgts = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
     tr_tgts = trained["target"] if isinstance(trained["target"], list) else [trained["target"]]
@@ -62,6 +71,10 @@ def assert_trained_on_top_b_and_ema(tr, batch, trained, miner_before, ref):
         assert torch.equal(t_sel, t_all[expected])
     # the selected errors are the highest of all candidates
     assert ref[expected].min() >= np.delete(ref, expected).max()
+    _assert_ema(tr, miner_before)
+
+
+def _assert_ema(tr, miner_before):
     mu = tr.ema_momentum
     online = unwrap_model(tr.network).state_dict()
     for k, v in tr.miner.state_dict().items():
@@ -72,7 +85,7 @@ def assert_trained_on_top_b_and_ema(tr, batch, trained, miner_before, ref):
 
 @pytest.fixture(scope="module")
 def trainer3d(tiny_dataset):
-    return make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEMEMA_Debug)
+    return make_trainer(tiny_dataset, OHEMEMAAugmented_Debug)
 
 
 def test_train_step_trains_exactly_the_top_b_candidates_and_updates_ema(trainer3d, monkeypatch):
@@ -93,6 +106,7 @@ def test_candidate_batch_has_requested_foreground_fraction(trainer3d):
     the border out of the patch): every forced patch of a case with lesions contains lesion."""
     tr = trainer3d
     dl = tr.dataloader_train.data_loader
+    assert tr.dataloader_train.plain is None  # the default schedule mines every step: no plain loader kept
     n = tr.num_candidates
     assert dl.batch_size == n == 8 and dl.oversample_foreground_percent == tr.candidate_foreground_percent
     n_forced = n - round(n * (1 - tr.candidate_foreground_percent))
@@ -260,7 +274,7 @@ def paper_plans(nnunet_env):
                                 shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0), seed=3)
     parser = argparse.ArgumentParser()
     add_paper_arguments(parser)  # the `nnunetv2_ohem_plan paper` subcommand
-    run_paper(parser.parse_args(["-d", str(PAPER_DATASET_ID), "-np", "1"]))
+    run_paper(parser.parse_args(["-d", str(PAPER_DATASET_ID), "-np", "1", "--fast_fingerprint"]))
     folder = os.path.join(nnunet_env["nnUNet_preprocessed"], f"Dataset{PAPER_DATASET_ID}_OhemPaper")
     return folder, load_json(os.path.join(folder, "nnUNetPaperPlans.json"))
 

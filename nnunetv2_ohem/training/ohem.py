@@ -8,43 +8,103 @@ Schmidt-Mengin et al., "Segmentation of new MS lesions on FLAIR MRI using online
 3. the online net does one optimiser step on the B candidates with the highest error;
 4. ``w̄ ← μ·w̄ + (1−μ)·w`` (parameters and buffers). μ = 0 is classic OHEM.
 
-The trainers are thin: nnU-Net's data loader produces the B̄ augmented candidates in ONE batch (its batch
-size is set to B̄), ``train_step`` scores and selects, then hands the selected sub-batch (data and every
-deep-supervision target) to nnU-Net's own ``train_step``. Everything else (network, augmentation, loss,
-poly LR, validation, inference) stays nnU-Net's. Knobs are class attributes; subclass to change them.
-See ``docs/ohem.md``.
+The trainers are thin: a candidate loader (nnU-Net's multi-process loader with batch size B̄) produces the
+candidates, either as nnU-Net-augmented patches (``ohem_candidates = "augmented"``) or as un-augmented crops
+whose B winners alone get nnU-Net's augmentation (``"crops"``, :mod:`nnunetv2_ohem.training.ohem_crops`);
+``train_step`` scores them through ONE hook (:meth:`nnUNetTrainerOHEMEMA.score_candidates`), selects, and hands
+the selected sub-batch (data and every deep-supervision target) to nnU-Net's own ``train_step``. A schedule
+(warm-up, end, hard/random mix) decides which steps mine; the others are plain nnU-Net steps from nnU-Net's
+own loader. Everything else (network, augmentation, loss, poly LR, validation, inference) stays nnU-Net's.
+Knobs are class attributes; subclass to change them. See ``docs/ohem.md``.
 """
 import copy
 import json
-import math
 import os
 import warnings
-from typing import List, Optional, Union
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import distributed as dist
 
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_ohem.mining import (RANKING_ERRORS, ema_update_, has_foreground, per_sample_error, select_top_b,
-                                  unwrap_model)
+from nnunetv2_ohem.mining.ema import ema_update_, unwrap_model
+from nnunetv2_ohem.mining.errors import RANKING_ERRORS, has_foreground, per_sample_error
+from nnunetv2_ohem.mining.schedule import is_mining_step, mining_window
+from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_to_multiple, targets_for_outputs,
+                                          total_stride)
+from nnunetv2_ohem.mining.selection import hard_count, select_hard_and_random, select_top_b, selection_recall
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
 
 #: per-epoch diagnostics, registered in nnU-Net's logger (one value per epoch each)
 OHEM_LOG_KEYS = ("ohem_error_candidates", "ohem_error_selected", "ohem_fg_fraction_candidates",
-                 "ohem_fg_fraction_selected", "ohem_miner_online_disagreement")
+                 "ohem_fg_fraction_selected", "ohem_miner_online_disagreement", "ohem_mining_fraction",
+                 "ohem_selection_recall")
+CANDIDATE_MODES = ("crops", "augmented")
+SCORE_DTYPES = (None, "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How the miner scores candidates. ``EXACT`` = fp32, full resolution, every deep-supervision head."""
+    downsample: int = 1
+    dtype: Optional[str] = None
+    deep_supervision: bool = True
+    channels_last: bool = False
+
+
+EXACT_SCORING = ScoringOptions(downsample=1, dtype="fp32", deep_supervision=True, channels_last=False)
+
+
+class _ScheduledLoader:
+    """``dataloader_train`` of an OHEM trainer: each ``next()`` serves the batch the next optimiser step needs,
+    B̄ candidates on mining steps, nnU-Net's own plain batch of B otherwise (decided by the trainer's schedule,
+    in the main process). The idle loader's workers just keep their queue full."""
+
+    def __init__(self, trainer: "nnUNetTrainerOHEMEMA", plain, candidates):
+        self.trainer, self.plain, self.candidates = trainer, plain, candidates
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.trainer.mines_at(self.trainer.ohem_step):
+            return next(self.candidates)
+        if self.plain is None:
+            raise RuntimeError("the mining schedule needs nnU-Net's plain loader, which was not built")
+        return next(self.plain)
+
+    @property
+    def data_loader(self):
+        """The candidate loader's batchgenerators ``DataLoader`` (as ``SingleThreadedAugmenter.data_loader``)."""
+        return getattr(self.candidates, "data_loader", getattr(self.candidates, "generator", None))
+
+    def _finish(self):
+        for loader in (self.plain, self.candidates):
+            if loader is not None and hasattr(loader, "_finish"):
+                loader._finish()
+        if self.trainer.winner_augmenter is not None:
+            self.trainer.winner_augmenter.close()
 
 
 class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     """OHEM with an EMA miner on top of stock nnU-Net (its network, plans, augmentation, DC+CE, poly LR).
 
-    B = the plan's batch size (per GPU under DDP), B̄ = ``candidate_factor``·B candidates per step.
+    B = the plan's batch size (per GPU under DDP), B̄ = ``candidate_factor``·B candidates per mining step.
     """
 
     #: k: candidates per trained patch (B̄ = k·B). The paper uses 128/32 = 4.
@@ -57,8 +117,6 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     candidate_foreground_percent: float = 0.3
     #: ranking error: "dc_ce" (nnU-Net's training loss, default), "dice" (paper), "ce".
     ranking_error: str = "dc_ce"
-    #: rank with nnU-Net's deep-supervision weights over all output scales (False: full resolution only).
-    mining_deep_supervision: bool = True
     #: the miner scores in eval mode: deterministic (no dropout) and it never updates its own BatchNorm
     #: statistics (they come from the online net through the EMA). Instance/GroupNorm behave the same in
     #: both modes, so for nnU-Net's default networks this only matters for dropout/BatchNorm variants.
@@ -71,6 +129,31 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     #: uses the smoothed model (the online weights are kept in the checkpoint for ``--c``).
     export_ema_weights: bool = False
 
+    #: "crops": B̄ un-augmented centre crops are scored, only the B winners get nnU-Net's augmentation
+    #: (nnunetv2_ohem.training.ohem_crops); "augmented": B̄ nnU-Net-augmented patches are scored (k× the
+    #: augmentation work). See docs/ohem.md for the measured costs.
+    ohem_candidates: str = "crops"
+    #: score a copy of the candidates downsampled by this factor (targets resized like nnU-Net's DS targets)
+    ohem_score_downsample: int = 1
+    #: miner precision: None = training precision (fp16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16"
+    #: (CPU and CUDA autocast), "fp16"
+    ohem_score_dtype: Optional[str] = None
+    #: rank with nnU-Net's deep-supervision weights over all output scales (False: full-resolution head only)
+    ohem_score_deep_supervision: bool = True
+    #: miner weights and inputs in channels-last memory layout (same numbers, other kernels)
+    ohem_score_channels_last: bool = False
+    #: every mining step also scores exactly (fp32, full resolution, all heads) and logs the selection recall
+    #: |top-h(option) ∩ top-h(exact)| / h as ``ohem_selection_recall`` (costs one more miner pass per step)
+    ohem_measure_recall: bool = False
+    #: first fraction of the optimiser steps: plain nnU-Net batches (its loader, its foreground oversampling),
+    #: no miner forward; the EMA keeps tracking the online net
+    ohem_warmup_fraction: float = 0.0
+    #: mining stops at this fraction of the optimiser steps (1 = never; Composer's selective backprop: 0.9)
+    ohem_end_fraction: float = 1.0
+    #: h = round(ohem_hard_fraction·B) of the B trained patches are the hardest candidates, the rest are drawn
+    #: uniformly from the other candidates
+    ohem_hard_fraction: float = 1.0
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -81,7 +164,20 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
             raise ValueError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
+        if self.ohem_candidates not in CANDIDATE_MODES:
+            raise ValueError(f"ohem_candidates must be one of {CANDIDATE_MODES}, got {self.ohem_candidates!r}")
+        if self.ohem_score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"ohem_score_dtype must be one of {SCORE_DTYPES}, got {self.ohem_score_dtype!r}")
+        if int(self.ohem_score_downsample) < 1:
+            raise ValueError(f"ohem_score_downsample must be >= 1, got {self.ohem_score_downsample}")
+        mining_window(1, self.ohem_warmup_fraction, self.ohem_end_fraction)  # validates the fractions
+        hard_count(1, self.ohem_hard_fraction)
         self.miner: Optional[torch.nn.Module] = None
+        self.winner_augmenter: Optional[WinnerAugmenter] = None
+        #: optimiser steps done (warm-up included); checkpointed, drives the schedule
+        self.ohem_step = 0
+        #: draws the random part of a hard/random selection; its state is checkpointed
+        self.ohem_generator = torch.Generator()
         self._disagreement_pending = True
         self._register_log_keys()
 
@@ -98,72 +194,173 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     def num_candidates(self) -> int:
         return int(self.candidate_factor) * self.batch_size
 
+    @property
+    def scoring_options(self) -> ScoringOptions:
+        return ScoringOptions(int(self.ohem_score_downsample), self.ohem_score_dtype,
+                              bool(self.ohem_score_deep_supervision), bool(self.ohem_score_channels_last))
+
+    @property
+    def mining_window(self):
+        """Optimiser steps ``[start, end)`` that mine, from the fractions and nnU-Net's schedule length."""
+        return mining_window(self.num_epochs * self.num_iterations_per_epoch, self.ohem_warmup_fraction,
+                             self.ohem_end_fraction)
+
+    def mines_at(self, step: int) -> bool:
+        return is_mining_step(step, self.mining_window)
+
+    @property
+    def num_hard(self) -> int:
+        return hard_count(self.batch_size, self.ohem_hard_fraction)
+
     def initialize(self):
         super().initialize()
         # w̄_0 = w_0 (Algorithm 1); the miner is a plain module (no DDP/compile wrapper): it is never
         # trained, and every rank computes the same EMA from identical online weights.
         self.miner = copy.deepcopy(unwrap_model(self.network)).requires_grad_(False)
         self.miner.train(self.miner_train_mode)
-        if hasattr(self.miner, "decoder") and hasattr(self.miner.decoder, "deep_supervision"):
-            self.miner.decoder.deep_supervision = self.enable_deep_supervision and self.mining_deep_supervision
+        if self.ohem_score_channels_last:
+            self.miner.to(memory_format=self._channels_last_format())
         # compiled like nnU-Net compiles the online net (CUDA, nnUNet_compile); the EMA updates the
         # parameters in place, which the compiled graph reads by reference
         self._miner_forward = torch.compile(self.miner) if self._do_i_compile() else self.miner
+        # drawn after the network's initialisation so that seeding torch seeds it without moving the init
+        self.ohem_generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+        start, end = self.mining_window
         self.print_to_log_file(
             f"OHEM-EMA: B={self.batch_size}, B̄={self.num_candidates} (k={self.candidate_factor}), "
-            f"mu={self.ema_momentum}, candidate foreground fraction={self.candidate_foreground_percent}, "
-            f"ranking error={self.ranking_error}, miner {'train' if self.miner_train_mode else 'eval'} mode, "
-            f"export EMA weights={self.export_ema_weights}")
+            f"mu={self.ema_momentum}, candidates={self.ohem_candidates}, candidate foreground fraction="
+            f"{self.candidate_foreground_percent}, ranking error={self.ranking_error}, scoring "
+            f"{asdict(self.scoring_options)}, miner {'train' if self.miner_train_mode else 'eval'} mode, "
+            f"mining steps [{start}, {end}) of {self.num_epochs * self.num_iterations_per_epoch}, hardest "
+            f"{self.num_hard} of B, export EMA weights={self.export_ema_weights}")
 
+    def _channels_last_format(self):
+        return torch.channels_last_3d if len(self.configuration_manager.patch_size) == 3 else torch.channels_last
+
+    # ------------------------------------------------------------------ loaders
     def get_dataloaders(self):
-        """nnU-Net's loaders, but each batch holds B̄ candidates with the candidate foreground fraction.
+        """nnU-Net's own loaders (plain batches of B for warm-up/after-mining steps, and validation) plus the
+        candidate loader (B̄ per batch), served by one ``dataloader_train`` that follows the schedule.
 
-        One augmented batch of B̄ instead of k loader calls keeps nnU-Net's multi-process pipeline busy with
-        one request per step. Validation batches are B̄ too (scored in chunks of B), so the number of
-        validation iterations is divided by k to keep the number of validation patches unchanged.
+        Validation is exactly nnU-Net's. nnU-Net's plain training loader is shut down at once when the
+        schedule never uses it.
         """
-        saved = self.batch_size, self.oversample_foreground_percent
-        self.batch_size, self.oversample_foreground_percent = self.num_candidates, self.candidate_foreground_percent
-        try:
-            loaders = super().get_dataloaders()
-        finally:
-            self.batch_size, self.oversample_foreground_percent = saved
-        self.num_val_iterations_per_epoch = max(1, math.ceil(self.num_val_iterations_per_epoch
-                                                             / int(self.candidate_factor)))
-        return loaders
+        plain, val = super().get_dataloaders()
+        start, end = self.mining_window
+        if start == 0 and end >= self.num_epochs * self.num_iterations_per_epoch:
+            if hasattr(plain, "_finish"):
+                plain._finish()
+            plain = None
+        return _ScheduledLoader(self, plain, self._build_candidate_loader()), val
 
-    # ------------------------------------------------------------------ mining
-    def _ds_weights(self) -> Optional[List[float]]:
-        if isinstance(self.loss, DeepSupervisionWrapper) and self.mining_deep_supervision:
+    def _build_candidate_loader(self):
+        """B̄ candidates per batch with ``candidate_foreground_percent`` foreground forcing, from nnU-Net's own
+        sampler, transforms and multi-process augmenter (arguments as nnU-Net's ``get_dataloaders`` builds
+        them)."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        ds_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lm = self.label_manager
+        regions = lm.foreground_regions if lm.has_regions else None
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels, regions=regions, ignore_label=lm.ignore_label)
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        n_proc = get_allowed_n_proc_DA()
+        common = dict(oversample_foreground_percent=self.candidate_foreground_percent,
+                      sampling_probabilities=None, pad_sides=None,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
+        if self.ohem_candidates == "augmented":
+            loader = nnUNetDataLoader(dataset_tr, self.num_candidates, initial_patch_size, patch_size, lm,
+                                      transforms=tr_transforms, **common)
+        else:
+            # candidates get nnU-Net's validation transforms: target formatting (−1 → 0, regions, DS targets)
+            val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
+                                                            foreground_labels=lm.foreground_labels,
+                                                            regions=regions, ignore_label=lm.ignore_label)
+            loader = CandidateCropLoader(dataset_tr, self.num_candidates, initial_patch_size, patch_size, lm,
+                                         transforms=val_transforms, **common)
+            self.winner_augmenter = WinnerAugmenter(dataset_tr, tr_transforms, loader.patch_size_was_2d, n_proc)
+        if n_proc == 0:
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=n_proc,
+                                            num_cached=max(6, n_proc // 2), seeds=None,
+                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    # ------------------------------------------------------------------ scoring: the one hook
+    def _ds_weights(self, options: ScoringOptions) -> Optional[List[float]]:
+        if isinstance(self.loss, DeepSupervisionWrapper) and options.deep_supervision:
             return list(self.loss.weight_factors)
         return None
 
-    def compute_candidate_errors(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]]
-                                 ) -> torch.Tensor:
-        """Per-candidate ranking error under the miner, shape (B̄,), float32, scored in chunks."""
+    def _score_autocast(self, dtype: Optional[str]):
+        if dtype is None:  # training precision: nnU-Net autocasts (fp16) on CUDA only
+            return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        if dtype == "fp32":
+            return dummy_context()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+    def candidate_errors(self, outputs: Union[torch.Tensor, List[torch.Tensor]],
+                         targets: Union[torch.Tensor, List[torch.Tensor]],
+                         ds_weights: Optional[Sequence[float]]) -> torch.Tensor:
+        """Per-patch ranking error of miner outputs (one tensor, or one per deep-supervision scale with
+        matching targets and weights), shape (N,) fp32. Subclasses swap only this (e.g. the blob loss)."""
+        regions, ignore = self.label_manager.has_regions, self.label_manager.ignore_label
+        return per_sample_error(outputs, targets, self.ranking_error, regions=regions, ds_weights=ds_weights,
+                                ignore_label=None if regions else ignore,
+                                has_ignore_channel=regions and ignore is not None)
+
+    def score_candidates(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]],
+                         options: Optional[ScoringOptions] = None) -> torch.Tensor:
+        """Per-candidate ranking error under the miner, shape (B̄,), fp32: the one scoring hook of every OHEM
+        trainer. Scores in chunks of ``miner_chunk_size`` under ``options`` (default: the class attributes):
+        precision, resolution (downsampled copy, targets resized nearest-exact), deep-supervision heads or
+        the full-resolution head only, memory layout; the error itself is :meth:`candidate_errors`."""
+        opts = options or self.scoring_options
         chunk = self.miner_chunk_size or 2 * self.batch_size
-        regions = self.label_manager.has_regions
-        ignore = self.label_manager.ignore_label
-        weights = self._ds_weights()
+        weights = self._ds_weights(opts)
+        decoder = getattr(self.miner, "decoder", None)
+        if decoder is not None and hasattr(decoder, "deep_supervision"):
+            decoder.deep_supervision = self.enable_deep_supervision and opts.deep_supervision
+        full_res = target[0] if isinstance(target, list) else target
+        stride = total_stride(self.configuration_manager.pool_op_kernel_sizes, data.ndim - 2) \
+            if opts.downsample > 1 else None
         errors = []
         self.miner.train(self.miner_train_mode)
         with torch.inference_mode():
             for start in range(0, data.shape[0], chunk):
                 sl = slice(start, start + chunk)
-                with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
-                        else dummy_context():
-                    out = self._miner_forward(data[sl])
-                if isinstance(out, (list, tuple)) and isinstance(target, list):
-                    outs, tgts = list(out), [t[sl] for t in target]
-                else:
+                x = data[sl]
+                if opts.downsample > 1:
+                    x = downsample_images(x, opts.downsample)
+                    unpadded = x.shape[2:]
+                    x = pad_to_multiple(x, stride)
+                if opts.channels_last:
+                    x = x.contiguous(memory_format=self._channels_last_format())
+                with self._score_autocast(opts.dtype):
+                    out = self._miner_forward(x)
+                if opts.downsample > 1:
+                    out = crop_outputs(out, unpadded, x.shape[2:])
+                if isinstance(out, (list, tuple)) and weights is not None:
+                    outs = list(out)
+                    tgts = targets_for_outputs(outs, full_res[sl]) if opts.downsample > 1 or \
+                        not isinstance(target, list) else [t[sl] for t in target]
+                    w = weights
+                else:  # full-resolution head only
                     outs = out[0] if isinstance(out, (list, tuple)) else out
-                    tgts = target[0][sl] if isinstance(target, list) else target[sl]
-                    weights = None
-                errors.append(per_sample_error(outs, tgts, self.ranking_error, regions=regions,
-                                               ds_weights=weights,
-                                               ignore_label=None if regions else ignore,
-                                               has_ignore_channel=regions and ignore is not None))
+                    tgts = targets_for_outputs(outs, full_res[sl])[0]
+                    w = None
+                errors.append(self.candidate_errors(outs, tgts, w))
         return torch.cat(errors).clone()
+
+    def compute_candidate_errors(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]]
+                                 ) -> torch.Tensor:
+        """Former name of :meth:`score_candidates` (kept for scripts)."""
+        return self.score_candidates(data, target)
 
     def _disagreement(self, data: torch.Tensor) -> float:
         """Mean |p_miner − p_online| of the full-resolution probabilities on the selected patches, both nets
@@ -174,8 +371,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         online.train(self.miner_train_mode)
         try:
             with torch.inference_mode():
-                with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
-                        else dummy_context():
+                with self._score_autocast(None):
                     a, b = self.miner(data), online(data)
         finally:
             online.train(was_training)
@@ -185,20 +381,48 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
             act = torch.sigmoid if self.label_manager.has_regions else (lambda z: torch.softmax(z, 1))
             return float((act(a) - act(b)).abs().mean())
 
+    # ------------------------------------------------------------------ steps
+    def _plain_step(self, batch: dict) -> dict:
+        """Warm-up / after-mining step: nnU-Net's batch and train step, no miner forward; the EMA tracks."""
+        result = super().train_step(batch)
+        ema_update_(self.miner, self.network, self.ema_momentum)
+        result.update({k: float("nan") for k in OHEM_LOG_KEYS})
+        result["ohem_mining_fraction"] = 0.0
+        return result
+
     def train_step(self, batch: dict) -> dict:
+        """One optimiser step. ``batch`` is ``next(self.dataloader_train)``: B̄ candidates on mining steps,
+        nnU-Net's plain batch otherwise."""
+        mining = self.mines_at(self.ohem_step)
+        result = self._mining_step(batch) if mining else self._plain_step(batch)
+        self.ohem_step += 1
+        return result
+
+    def _mining_step(self, batch: dict) -> dict:
         data, target = batch["data"], batch["target"]
         data = data.to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
 
-        errors = self.compute_candidate_errors(data, target)
-        idx = select_top_b(errors, min(self.batch_size, data.shape[0]))
-        selected_data = data[idx]
-        selected_target = [t[idx] for t in target] if isinstance(target, list) else target[idx]
-        disagreement = self._disagreement(selected_data) if self._disagreement_pending else float("nan")
+        errors = self.score_candidates(data, target)
+        b = min(self.batch_size, data.shape[0])
+        n_hard = min(self.num_hard, b)
+        idx = select_hard_and_random(errors, b, n_hard, self.ohem_generator)
+        recall = float("nan")
+        if self.ohem_measure_recall and n_hard > 0:
+            exact = self.score_candidates(data, target, EXACT_SCORING)
+            recall = selection_recall(select_top_b(errors, n_hard), select_top_b(exact, n_hard))
+        disagreement = self._disagreement(data[idx]) if self._disagreement_pending else float("nan")
         self._disagreement_pending = False
 
-        result = super().train_step({"data": selected_data, "target": selected_target})
+        if "bboxes" in batch:  # crops: only the winners get nnU-Net's augmentation
+            picks = idx.cpu().tolist()
+            trained = self.winner_augmenter([batch["keys"][i] for i in picks],
+                                            [batch["bboxes"][i] for i in picks])
+        else:
+            trained = {"data": data[idx], "target": [t[idx] for t in target] if isinstance(target, list)
+                       else target[idx]}
+        result = super().train_step(trained)
         ema_update_(self.miner, self.network, self.ema_momentum)
 
         regions, ignore = self.label_manager.has_regions, self.label_manager.ignore_label
@@ -207,8 +431,9 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         # one host transfer for all diagnostics (each float() would be a device sync)
         stats = torch.stack([errors.mean(), errors[idx].mean(), fg.mean(), fg[idx].mean()]).tolist()
         result.update(dict(zip(OHEM_LOG_KEYS[:4], stats)))
-        result["ohem_miner_online_disagreement"] = disagreement
-        self.last_selection = {"errors": errors.detach().cpu(), "indices": idx.cpu()}
+        result.update(ohem_miner_online_disagreement=disagreement, ohem_mining_fraction=1.0,
+                      ohem_selection_recall=recall)
+        self.last_selection = {"errors": errors.detach().cpu(), "indices": idx.cpu(), "trained": trained}
         return result
 
     # ------------------------------------------------------------------ epochs and logging
@@ -228,11 +453,18 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
             self.logger.log(key, value, self.current_epoch)
         self.print_to_log_file(
             "OHEM error candidates/selected: {:.4f}/{:.4f}, foreground fraction candidates/selected: "
-            "{:.3f}/{:.3f}, miner-online disagreement: {:.4g}".format(
-                *[self.logger.get_value(k, step=-1) for k in OHEM_LOG_KEYS]))
+            "{:.3f}/{:.3f}, miner-online disagreement: {:.4g}, steps mined: {:.0%}, selection recall: {:.3f}"
+            .format(*[self.logger.get_value(k, step=-1) for k in OHEM_LOG_KEYS]))
+
+    def on_train_end(self):
+        super().on_train_end()
+        # nnU-Net only shuts down loaders that are batchgenerators augmenters; ours wraps two and a pool
+        if isinstance(self.dataloader_train, _ScheduledLoader):
+            self.dataloader_train._finish()
 
     def validation_step(self, batch: dict) -> dict:
-        """nnU-Net's validation on chunks of B of the B̄-patch batch: tp/fp/fn summed, loss averaged."""
+        """nnU-Net's validation on chunks of B (validation batches are nnU-Net's own B; larger ones, e.g. from
+        scripts, are split): tp/fp/fn summed, loss averaged."""
         n, chunk = batch["data"].shape[0], self.batch_size
         if n <= chunk:
             return super().validation_step(batch)
@@ -251,16 +483,23 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         if self.local_rank == 0:
             self._write_diagnostics()
 
+    def _settings(self) -> dict:
+        start, end = self.mining_window
+        return {"candidate_factor": int(self.candidate_factor), "ema_momentum": self.ema_momentum,
+                "ranking_error": self.ranking_error, "candidate_foreground_percent": self.candidate_foreground_percent,
+                "candidates": self.ohem_candidates, "scoring": asdict(self.scoring_options),
+                "warmup_fraction": self.ohem_warmup_fraction, "end_fraction": self.ohem_end_fraction,
+                "hard_fraction": self.ohem_hard_fraction, "mining_start_step": start, "mining_end_step": end,
+                "num_hard": self.num_hard}
+
     def _write_diagnostics(self) -> None:
         """``ohem_diagnostics.json`` (per-epoch values, for the demo) and ``ohem_progress.png`` next to
         nnU-Net's ``progress.png``; both written to a temp name and renamed."""
         logging = self.logger.local_logger.my_fantastic_logging
         n = min(len(logging[k]) for k in OHEM_LOG_KEYS)
         diag = {k: [None if not np.isfinite(v) else float(v) for v in logging[k][:n]] for k in OHEM_LOG_KEYS}
-        diag.update({"epoch": list(range(n)), "trainer": type(self).__name__,
-                     "candidate_factor": int(self.candidate_factor), "ema_momentum": self.ema_momentum,
-                     "ranking_error": self.ranking_error, "batch_size": self.batch_size,
-                     "num_candidates": self.num_candidates})
+        diag.update({"epoch": list(range(n)), "trainer": type(self).__name__, "batch_size": self.batch_size,
+                     "num_candidates": self.num_candidates, **self._settings()})
         path = os.path.join(self.output_folder, "ohem_diagnostics.json")
         with open(path + ".part", "w") as f:
             json.dump(diag, f, indent=1)
@@ -269,14 +508,13 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _ohem_state(self) -> dict:
-        return {"miner_weights": unwrap_model(self.miner).state_dict(), "ema_momentum": self.ema_momentum,
-                "candidate_factor": int(self.candidate_factor), "ranking_error": self.ranking_error,
-                "candidate_foreground_percent": self.candidate_foreground_percent,
-                "weights_exported": bool(self.export_ema_weights)}
+        return {"miner_weights": unwrap_model(self.miner).state_dict(),
+                "weights_exported": bool(self.export_ema_weights), "ohem_step": int(self.ohem_step),
+                "generator_state": self.ohem_generator.get_state(), **self._settings()}
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``ohem_ema`` (miner weights, mining settings); written under a temp name
-        and renamed so a hard kill never leaves a checkpoint without miner state."""
+        """nnU-Net's checkpoint plus ``ohem_ema`` (miner weights, schedule position, selection RNG, settings);
+        written under a temp name and renamed so a hard kill never leaves a checkpoint without miner state."""
         if self.local_rank != 0 or self.disable_checkpointing or self.miner is None:
             return super().save_checkpoint(filename)
         tmp = filename + ".part"
@@ -301,10 +539,15 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
                           f"has no OHEM miner state: initialising the miner from the online weights")
             self.print_to_log_file("WARNING: checkpoint without OHEM miner state; miner := online network")
             self.miner.load_state_dict(online.state_dict())
+            self.ohem_step = self.current_epoch * self.num_iterations_per_epoch
         else:
             if "online_weights" in state:
                 online.load_state_dict(state["online_weights"])
             self.miner.load_state_dict(state["miner_weights"])
+            # older checkpoints: nnU-Net checkpoints at epoch ends, so the step is the epoch's first
+            self.ohem_step = int(state.get("ohem_step", self.current_epoch * self.num_iterations_per_epoch))
+            if "generator_state" in state:
+                self.ohem_generator.set_state(state["generator_state"].cpu())
         self._register_log_keys()
 
 
