@@ -25,6 +25,7 @@ from torch import nn
 
 from nnunetv2_ohem.losses.blob import BlobLoss, split_packed_target
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.transforms.instances import InstanceMapTransform
 
 
@@ -53,7 +54,7 @@ def check_finite_batch(batch: dict) -> None:
                                  f"data or its preprocessing")
 
 
-class nnUNetTrainerBlobLoss(nnUNetTrainer):
+class nnUNetTrainerBlobLoss(LesionValidationMixin, nnUNetTrainer):
     """nnU-Net with blob loss: ``alpha * DC+CE + beta * mean over blobs of DC+CE`` (other blobs masked)."""
 
     blob_alpha: float = 2.0  # the blob loss paper's lambda_main / lambda_blob = 2 / 1

@@ -17,6 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_ohem.networks.deeplab import DeepLab
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 
 
 def deeplab_kwargs_from_plans(arch_kwargs: dict, arch_kwargs_req_import, aspp_version: str,
@@ -57,7 +58,7 @@ def build_deeplab(configuration_manager: ConfigurationManager, num_input_channel
                                                aspp_version, output_stride))
 
 
-class nnUNetTrainerDeepLabV3(nnUNetTrainer):
+class nnUNetTrainerDeepLabV3(LesionValidationMixin, nnUNetTrainer):
     """DeepLabv3 (ASPP with image-level pooling, output stride 16) on nnU-Net's pipeline, no deep supervision.
 
     Everything else (SGD lr 1e-2 + poly, Dice+CE, augmentation, sliding-window inference) is nnU-Net's.

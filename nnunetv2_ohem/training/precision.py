@@ -35,6 +35,7 @@ from nnunetv2_ohem.losses.region_dice import RegionDiceLoss, deep_supervision_we
 from nnunetv2_ohem.networks.norms import GROUPNORM_DOTTED_NAME
 from nnunetv2_ohem.preprocessing.btrseg import attach_extension_preprocessor
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CPU_FP16_ENV = "nnUNet_ohem_cpu_fp16"
@@ -219,7 +220,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
 
 
 # ----------------------------------------------------------------------------------------------- trainers
-class PrecisionTrainer(nnUNetTrainer):
+class PrecisionTrainer(LesionValidationMixin, nnUNetTrainer):
     """nnU-Net's trainer with a chosen precision, norm, optimiser and batch size (class attributes).
 
     Not exported under an ``nnUNetTrainer*`` name: the named variants below set the attributes.
