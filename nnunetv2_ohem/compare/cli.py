@@ -141,3 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__ = ["main", "build_parser", "build_select_parser", "UsageError"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
