@@ -27,6 +27,7 @@ from nnunetv2_ohem.mining.ema import ema_momentum_at, ema_update_, swap_weights_
 from nnunetv2_ohem.training import precision
 from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 
 #: checkpoint entry holding the EMA state (weights, momentum, number of updates, online weights if exported)
 EMA_CHECKPOINT_KEY = "weight_ema"
@@ -186,7 +187,7 @@ class EMAMixin:
         self._ema_in_network = False
 
 
-class nnUNetTrainerEMA(EMAMixin, nnUNetTrainer):
+class nnUNetTrainerEMA(EMAMixin, LesionValidationMixin, nnUNetTrainer):
     """Plain nnU-Net with EMA weights (μ = 0.999, warm-up) for validation, ``checkpoint_best`` and prediction:
     the control that separates weight averaging from OHEM-EMA's mining."""
 
