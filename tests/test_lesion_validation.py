@@ -230,6 +230,6 @@ def test_stock_training_writes_lesionwise_file_equal_to_cli(tiny_dataset, cli, n
     with_lesions = [r for r in expected["cases"] if not r["lesion_free"]]
     free = [r for r in expected["cases"] if r["lesion_free"]]
     f1 = [r["lesion_f1"] for r in with_lesions]
-    assert written["metrics"]["lesion_f1"] == (sum(f1) / len(f1) if f1 else None)
+    assert written["metrics"]["lesion_f1"] == (pytest.approx(sum(f1) / len(f1), rel=1e-12) if f1 else None)
     fp = [r["fp_lesions"] for r in free]
-    assert written["metrics"]["fp_lesions_lesion_free"] == (sum(fp) / len(fp) if fp else None)
+    assert written["metrics"]["fp_lesions_lesion_free"] == (pytest.approx(sum(fp) / len(fp)) if fp else None)
