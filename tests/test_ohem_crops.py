@@ -145,3 +145,22 @@ def test_selection_recall_and_reduced_resolution_scoring_on_a_fixed_miner(crops_
     want = len(set(np.argsort(-half, kind="stable")[:b]) & set(np.argsort(-exact, kind="stable")[:b])) / b
     assert result["ohem_selection_recall"] == pytest.approx(want)
     assert tr.last_selection["indices"].tolist() == select_top_b(torch.tensor(half), b).tolist()
+
+
+def test_winner_augmenter_worker_pool_returns_the_in_process_result(crops_trainer):
+    """The pool (nnUNet_n_proc_DA > 0) only moves where the work runs: with the transforms left out the
+    re-cropped winners are deterministic and must equal the in-process ones."""
+    from nnunetv2_ohem.training.ohem_crops import WinnerAugmenter
+    aug = crops_trainer.winner_augmenter
+    batch = next(crops_trainer.dataloader_train)
+    keys, boxes = batch["keys"][:2], batch["bboxes"][:2]
+    local = WinnerAugmenter(aug.dataset, None, aug.patch_size_was_2d, 0)(keys, boxes)
+    pool = WinnerAugmenter(aug.dataset, None, aug.patch_size_was_2d, 2)
+    try:
+        remote = pool(keys, boxes)
+        assert pool._pool is not None
+    finally:
+        pool.close()
+    assert pool._pool is None
+    assert torch.equal(local["data"], remote["data"]) and torch.equal(local["target"], remote["target"])
+    assert local["data"].shape[2:] == tuple(int(b[1] - b[0]) for b in boxes[0])
