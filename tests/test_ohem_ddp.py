@@ -51,7 +51,9 @@ def _worker(rank, world, preprocessed_folder, plans_identifier, results_dir):
         outputs.append(tr.train_step(batch))
         steps.append({"shape": list(batch["data"].shape), "data": batch["data"].clone(),
                       "indices": tr.last_selection["indices"].tolist(),
-                      "errors": tr.last_selection["errors"].clone()})
+                      "errors": tr.last_selection["errors"].clone(),
+                      "trained": list(tr.last_selection["trained"]["data"].shape)
+                      if "trained" in tr.last_selection else None})
     res.update(steps=steps, miner=flat_state(tr.miner), online=flat_state(tr.network),
                local={k: [float(o[k]) for o in outputs] for k in OHEM_LOG_KEYS},
                local_loss=[float(o["loss"]) for o in outputs])
@@ -104,6 +106,9 @@ def test_per_rank_batch_and_oversampling_as_nnunet_computes_them(ranks):
     assert (r0["num_candidates"], r1["num_candidates"]) == (8, 4)
     assert all(s["shape"][0] == 8 for s in r0["steps"]) and all(s["shape"][0] == 4 for s in r1["steps"])
     assert all(len(s["indices"]) == 2 for s in r0["steps"]) and all(len(s["indices"]) == 1 for s in r1["steps"])
+    # the online net trains on B_r patches per rank (the winners, augmented when candidates are crops)
+    for r, b in ((r0, 2), (r1, 1)):
+        assert all(s["trained"] is None or s["trained"][0] == b for s in r["steps"])
 
 
 def test_online_net_and_miner_stay_identical_across_ranks(ranks):
