@@ -161,8 +161,8 @@ def report_html(summary_md: str, png: bytes) -> str:
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>nnunetv2_ohem_compare</title>"
             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}</style></head><body>\n"
-            + "\n".join(body) + f"\n<h2>Per-run values</h2>\n<img alt='per-run metrics' src='data:image/png;base64,{img}'>"
-            "\n</body></html>\n")
+            + "\n".join(body) + "\n<h2>Per-run values</h2>\n"
+            f"<img alt='per-run metrics' src='data:image/png;base64,{img}'>\n</body></html>\n")
 
 
 def write_outputs(cfg, results: pd.DataFrame, info: Dict) -> None:
