@@ -312,3 +312,24 @@ def test_compare_end_to_end_on_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
     cols = [c for c in local.columns if c not in timing]
     pd.testing.assert_frame_equal(via[cols].reset_index(drop=True), local[cols].reset_index(drop=True),
                                   check_dtype=False)  # a one-row csv reads 0 as int, with NaN rows as float
+
+
+def test_postprocessing_check_shows_the_lesions_nnunet_postprocessing_deletes(tmp_path):
+    import SimpleITK as sitk
+    out = tmp_path / "cmp"
+    run_dir = out / "runs" / "iterations" / "A" / "seed_0" / "fold_0"
+    (run_dir / "validation_reference").mkdir(parents=True)
+    (out / "pred").mkdir()
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[2:5, 2:5, 2:5] = 1       # lesion of 27 voxels
+    ref[12:14, 12:14, 12:14] = 1  # lesion of 8 voxels, far away
+    for folder in (run_dir / "validation_reference", out / "pred"):
+        sitk.WriteImage(sitk.GetImageFromArray(ref), str(folder / "case0.nii.gz"))  # a perfect prediction
+    runs = pd.DataFrame([{"trainer": "A", "fold": 0, "seed": 0, "evaluated_on": "validation",
+                          "run_dir": os.path.relpath(run_dir, out), "predictions": "pred"}])
+    lines = select.postprocessing_check(str(out), {"config": {"metric": "msseg2"}}, runs, "lesion_f1_pooled")
+    text = "\n".join(lines)
+    # keeping the 27-voxel lesion only: Dice 2*27/(27+35), F1 from P = 1/1, R = 1/2
+    assert f"mean foreground Dice 1.0000 -> {2 * 27 / 62:.4f}" in text and "would not choose it" in text
+    assert f"lesion_f1_pooled 1.0000 -> {2 * 0.5 / 1.5:.4f}" in text
+    assert "predicted lesions 2 -> 1, missed reference lesions 0 -> 1" in text
