@@ -25,7 +25,9 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_ohem.dataset_conversion.common import (AtomicFolder, Case, ConversionError, DatasetSpec,
+from nnunetv2_ohem.atomic import AtomicFolder
+from nnunetv2_ohem.cli_common import ignore_sigint
+from nnunetv2_ohem.dataset_conversion.common import (Case, ConversionError, DatasetSpec,
                                                      check_source_dir, find_nifti, invert_mapping, remap_labels,
                                                      scan_case_dirs, strip_nifti, visible_entries, write_dataset,
                                                      read_image)
@@ -48,6 +50,8 @@ LABEL_MAPS: Dict[int, Dict[int, int]] = {
 }
 REGIONS = {"background": 0, "whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
 REGIONS_CLASS_ORDER = (1, 2, 3)
+#: hidden file in a brats-back output folder: ``--overwrite`` replaces only folders that have it
+BACK_MARKER = ".nnunetv2_ohem_brats_back"
 REFERENCES = {
     2020: "https://www.med.upenn.edu/cbica/brats2020/data.html",
     2021: "https://www.synapse.org/#!Synapse:syn25829067/wiki/610863",
@@ -154,7 +158,7 @@ def labels_back_to_brats(segmentation: np.ndarray, year: Union[int, str]) -> np.
 
 def _back_one(args: Tuple[str, str, int]) -> str:
     src, dst, year = args
-    image = read_image(src)
+    image = read_image(src, label=True)
     try:
         out = labels_back_to_brats(sitk.GetArrayViewFromImage(image), year)
     except ValueError as e:
@@ -170,7 +174,8 @@ def brats_back(pred_dir: str, out_dir: str, year: Union[int, str], overwrite: bo
     """Write every NIfTI prediction of ``pred_dir`` with BraTS ``year`` labels into ``out_dir`` (same names).
 
     ``out_dir`` is built atomically (temporary sibling, renamed at the end); it must not exist unless
-    ``overwrite``. Returns the written files.
+    ``overwrite``, and then it must be an earlier brats-back output (it holds :data:`BACK_MARKER`). Returns the
+    written files.
     """
     year = check_year(year)
     if year is None:
@@ -185,16 +190,22 @@ def brats_back(pred_dir: str, out_dir: str, year: Union[int, str], overwrite: bo
         raise ConversionError(f"{out}: output folder must not be (inside) the prediction folder")
     if os.path.lexists(out) and not overwrite:
         raise ConversionError(f"{out}: output folder already exists (use --overwrite to replace it)")
+    if os.path.lexists(out) and not os.path.isfile(os.path.join(out, BACK_MARKER)):
+        raise ConversionError(f"{out}: --overwrite refused, the folder has no {BACK_MARKER}, so brats-back did not "
+                              f"write it; remove it yourself or choose another output folder")
     jobs = []
     with AtomicFolder(out, overwrite) as tmp:
         jobs = [(os.path.join(pred, n), os.path.join(tmp, strip_nifti(n) + ".nii.gz"), year) for n in files]
         if num_processes > 1 and len(jobs) > 1:
             import multiprocessing
-            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs)), ignore_sigint) as pool:
                 pool.map(_back_one, jobs)
         else:
             for job in jobs:
                 _back_one(job)
+        with open(os.path.join(tmp, BACK_MARKER), "w") as f:
+            f.write(f"written by nnunetv2_ohem_convert brats-back --year {year} from {pred}; --overwrite replaces "
+                    f"only folders with this file\n")
     written = [os.path.join(out, os.path.basename(dst)) for _, dst, _ in jobs]
     mapping = ", ".join(f"{k}→{v}" for k, v in invert_mapping(LABEL_MAPS[year]).items() if k != v)
     print(f"Wrote {len(written)} BraTS {year} segmentations to {out} (labels {mapping})")

@@ -3,7 +3,8 @@
     nnunetv2_ohem_convert {msseg2,valdo,brats,acdc} SOURCE_DIR -d ID [-n NAME] [-o RAW_DIR] [--overwrite] [-np N]
     nnunetv2_ohem_convert brats-back PRED_DIR OUT_DIR --year {2020,2021,2023}
 
-Bad input: one line on stderr naming the file and the reason, exit code 1, nothing written.
+Bad input: one line on stderr naming the file and the reason, exit code 1, nothing written. Bad options
+(e.g. ``-np 0``): exit code 2. Ctrl-C / SIGTERM: the temporary folder is removed, one line, exit code 130 / 143.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from nnunetv2_ohem.cli_common import positive_int, run_cli
 
 # name -> (module, function, help, extra keyword taken from the namespace)
 CONVERTERS = {
@@ -33,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-n", "--name", default=None, help="dataset name (default: MSSEG2, VALDO, BraTS<year>, "
                                                           "ACDC)")
         p.add_argument("-o", "--raw_dir", default=None, help="output raw folder (default: $nnUNet_raw)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_NAME (atomically)")
-        p.add_argument("-np", "--num_processes", type=int, default=1, help="cases converted in parallel")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_NAME written by "
+                                                                "this converter (atomically)")
+        p.add_argument("-np", "--num_processes", type=positive_int, default=1, help="cases converted in parallel")
         if name == "msseg2":
             p.add_argument("--label", default="consensus",
                            help="'consensus' (ground_truth, default) or 'expertN' (ground_truth_expertN)")
@@ -50,12 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir", help="folder with nnU-Net predictions (*.nii.gz)")
     p.add_argument("out_dir", help="folder to create with the BraTS-labelled files (same names)")
     p.add_argument("--year", type=int, choices=(2020, 2021, 2023), required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (atomically)")
-    p.add_argument("-np", "--num_processes", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR written by brats-back "
+                                                            "(atomically)")
+    p.add_argument("-np", "--num_processes", type=positive_int, default=1)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Console script: :func:`convert_main` under the shared exit-code and interruption convention."""
+    return run_cli("nnunetv2_ohem_convert", convert_main, argv)
+
+
+def convert_main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from nnunetv2_ohem.dataset_conversion.common import ConversionError
 

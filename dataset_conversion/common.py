@@ -8,7 +8,10 @@ dataset in a :class:`DatasetSpec`; :func:`write_dataset` does everything else th
   label values); the first failure stops the run with a one-line :class:`ConversionError` naming the file;
 * all output goes to a hidden temporary sibling folder (``.DatasetXXX_NAME.tmp-*``, invisible to nnU-Net's
   ``Dataset%03d`` lookups) that is renamed onto the target at the very end and removed on any failure, so
-  the target is either complete or absent; ``overwrite`` swaps an existing target out only after the new
+  the target is either complete or absent (Ctrl-C and SIGTERM included; a later run removes temporary
+  folders of dead runs, see :mod:`nnunetv2_ohem.atomic`); folders and files get the modes a plain
+  ``mkdir``/``open`` gives under the umask; ``overwrite`` replaces only a dataset whose ``dataset.json`` says
+  this converter wrote it (``"converted_by": "nnunetv2_ohem_convert <challenge>"``), and only after the new
   one is complete;
 * source files are only ever read (plain byte copies, never links, so editing the output cannot touch the
   source);
@@ -23,7 +26,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -31,8 +33,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_ohem.atomic import AtomicFolder
+from nnunetv2_ohem.cli_common import ignore_sigint
+from nnunetv2_ohem.dataset_conversion import nifti
+from nnunetv2_ohem.dataset_conversion.nifti import NIFTI_ENDINGS
+
 FILE_ENDING = ".nii.gz"
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 #: Channels and labels may disagree by this much and still count as one grid: spacing relative, origin in
 #: units of the largest voxel edge, direction cosines absolute. Within it, outputs get the first channel's
 #: geometry; beyond it the case is rejected.
@@ -94,11 +100,9 @@ def label_values(labels: np.ndarray) -> np.ndarray:
     if flat.size == 0:
         return np.zeros(0, np.int64)
     if flat.dtype.kind == "f":
-        if not np.all(np.isfinite(flat)):
-            raise ValueError("NaN or Inf values")
-        if not np.array_equal(flat, np.round(flat)):
-            bad = flat[flat != np.round(flat)][0]
-            raise ValueError(f"non-integer values (e.g. {bad:g})")
+        problem = nifti.integer_problem(flat)
+        if problem:
+            raise ValueError(problem)
         flat = flat.astype(np.int64)
     elif flat.dtype.kind == "b":
         flat = flat.astype(np.uint8)
@@ -249,108 +253,17 @@ def scan_case_dirs(source: str, is_case: Callable[[str], bool], what: str
 
 # ---------------------------------------------------------------------------------------- reading, checks
 
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}
-
-
-def parse_nifti_header(header: bytes) -> Optional[Tuple[int, int, int, Optional[np.dtype]]]:
-    """``(required_bytes, vox_offset, n_voxels, float dtype or None)`` of a NIfTI-1/2 header, else ``None``.
-
-    ``required_bytes`` = ``vox_offset`` + voxels × ``bitpix``/8 (NIfTI-1: Cox et al., nifti1.h; NIfTI-2:
-    nifti2.h). The dtype is given for float32/float64 data only, the types that can hold NaN/Inf.
-    """
-    import struct
-
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
-            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = max(struct.unpack(endian + "q", header[168:176])[0], 544)
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7:
-        return None
-    n_voxels = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
-    dtype = np.dtype(endian + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
-    return offset + n_voxels * bitpix // 8, offset, n_voxels, dtype
-
-
-def nifti_payload_size(header: bytes) -> Optional[int]:
-    """Bytes a NIfTI file with this header must hold, or ``None`` when it is not a NIfTI header."""
-    info = parse_nifti_header(header)
-    return None if info is None else info[0]
-
-
-def check_nifti_file(path: str) -> None:
-    """Raise :class:`ConversionError` for a truncated NIfTI file or float voxels that are NaN/Inf.
-
-    Both checks are needed on top of ITK: it reads a truncated ``.nii.gz`` without complaint and silently
-    turns NaN/Inf voxels into 0. Integer data: the gzip trailer's ISIZE (size mod 2³²) or the file size is
-    compared with the header (no decompression); float data: the payload is decompressed once and checked.
-    """
-    import gzip
-    import zlib
-
-    opener = gzip.open if path.endswith(".gz") else open
+def read_image(path: str, label: bool = False) -> sitk.Image:
+    """Read a 3D single-component image with the shared validated reader
+    (:func:`nnunetv2_ohem.dataset_conversion.nifti.read_image`), or raise :class:`ConversionError` naming
+    ``path`` and the reason."""
     try:
-        with opener(path, "rb") as f:
-            info = parse_nifti_header(f.read(540))
-        if info is None:
-            return   # not NIfTI: ITK decides
-        required, offset, n_voxels, float_dtype = info
-        if float_dtype is not None:
-            with opener(path, "rb") as f:
-                data = f.read()
-            if len(data) < required:
-                raise ConversionError(f"{path}: truncated image ({len(data)} of {required} bytes)")
-            if not np.isfinite(np.frombuffer(data, float_dtype, count=n_voxels, offset=offset)).all():
-                raise ConversionError(f"{path}: image contains NaN or Inf values")
-            return
-        if path.endswith(".gz"):
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                if int.from_bytes(f.read(4), "little") == required % (1 << 32):
-                    return
-            size = 0
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    size += len(chunk)
-        else:
-            size = os.path.getsize(path)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ConversionError(f"{path}: unreadable or truncated image ({e})") from None
-    if size < required:
-        raise ConversionError(f"{path}: truncated image ({size} of {required} bytes)")
-
-
-def read_image(path: str) -> sitk.Image:
-    """Read a 3D single-component image, or raise :class:`ConversionError` naming ``path`` and the reason."""
-    check_nifti_file(path)
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = next((ln for ln in reversed(lines) if "ERROR" in ln or "rror" in ln), lines[-1] if lines else "")
-        raise ConversionError(f"{path}: unreadable or truncated image ({reason[:200]})") from None
+        image = nifti.read_image(path, label=label)
+    except nifti.NiftiError as e:
+        raise ConversionError(str(e)) from None
     if image.GetDimension() != 3:
         raise ConversionError(f"{path}: image is {image.GetDimension()}D, expected 3D")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ConversionError(f"{path}: image has {image.GetNumberOfComponentsPerPixel()} components per voxel, "
-                              f"expected 1")
     return image
-
-
-def _check_finite(image: sitk.Image, path: str) -> None:
-    arr = sitk.GetArrayViewFromImage(image)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ConversionError(f"{path}: image contains NaN or Inf values")
-    if arr.dtype.kind not in "fiub":
-        raise ConversionError(f"{path}: unsupported pixel type {image.GetPixelIDTypeAsString()}")
 
 
 def _same_grid(a: Geometry, b: Geometry) -> bool:
@@ -364,13 +277,12 @@ def _convert_case(case: Case, out_root: str, label_map: Dict[int, int], num_chan
     images = [read_image(p) for p in case.images]
     reference = Geometry.of(images[0])
     for path, image in zip(case.images, images):
-        _check_finite(image, path)
         why = geometry_mismatch(reference, Geometry.of(image))
         if why:
             raise ConversionError(f"{path}: channel grid differs from {os.path.basename(case.images[0])}: {why}")
     label_out, label_img, voxels = None, None, None
     if case.label is not None:
-        label_img = read_image(case.label)
+        label_img = read_image(case.label, label=True)
         why = geometry_mismatch(reference, Geometry.of(label_img))
         if why:
             raise ConversionError(f"{case.label}: label grid differs from image "
@@ -476,70 +388,35 @@ def prepare_target(raw_dir: Optional[str], dataset_id: int, name: str, overwrite
                               f"source is never modified, choose another output folder")
     if os.path.lexists(target) and not overwrite:
         raise ConversionError(f"{target}: target dataset already exists (use --overwrite to replace it)")
+    if os.path.lexists(target):
+        why = foreign_dataset(target)
+        if why:
+            raise ConversionError(f"{target}: --overwrite refused, {why}; remove it yourself or choose another -d")
     return raw, target
 
 
-class AtomicFolder:
-    """Build a folder under a hidden temporary sibling name and rename it into place at the end.
+#: ``dataset.json`` key that marks a dataset written by this converter; only such a dataset is replaced by
+#: ``--overwrite`` (nnU-Net ignores keys it does not know)
+PROVENANCE_KEY = "converted_by"
+PROVENANCE_PREFIX = "nnunetv2_ohem_convert "
 
-    ``with AtomicFolder(target, overwrite) as tmp: ...`` — on success ``tmp`` becomes ``target`` (an existing
-    target is moved aside first and deleted only after the swap); on any exception (also Ctrl-C) ``tmp`` is
-    removed and, if this created the parent folder, that too, so nothing is left behind.
-    """
 
-    def __init__(self, target: str, overwrite: bool = False):
-        self.target = os.path.abspath(target)
-        self.overwrite = overwrite
-        self.parent = os.path.dirname(self.target)
-        self._made_parents: List[str] = []
-        self.tmp: Optional[str] = None
+def foreign_dataset(folder: str) -> Optional[str]:
+    """Why ``folder`` is not a dataset this converter wrote (and must not be replaced), or ``None``."""
+    import json
 
-    def __enter__(self) -> str:
-        missing, p = [], self.parent
-        while not os.path.exists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        os.makedirs(self.parent, exist_ok=True)
-        self._made_parents = missing
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=self.parent)
-        return self.tmp
-
-    def _cleanup(self) -> None:
-        if self.tmp and os.path.exists(self.tmp):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        for p in self._made_parents:
-            try:
-                os.rmdir(p)
-            except OSError:
-                break
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self._cleanup()
-            return False
-        old = None
-        try:
-            if os.path.lexists(self.target):
-                if not self.overwrite:
-                    raise ConversionError(f"{self.target}: target appeared while converting (use --overwrite)")
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.old-", dir=self.parent)
-                os.rmdir(old)
-                os.rename(self.target, old)
-            try:
-                os.rename(self.tmp, self.target)
-            except BaseException:
-                if old is not None:
-                    os.rename(old, self.target)
-                raise
-        except BaseException:
-            self._cleanup()
-            raise
-        if old is not None:
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)
-        return False
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return "it is not a folder written by nnunetv2_ohem_convert (a file or link)"
+    path = os.path.join(folder, "dataset.json")
+    try:
+        with open(path) as f:
+            value = json.load(f).get(PROVENANCE_KEY, "")
+    except (OSError, ValueError, AttributeError):
+        return "it has no readable dataset.json, so it was not written by nnunetv2_ohem_convert"
+    if not str(value).startswith(PROVENANCE_PREFIX):
+        return f"its dataset.json has no '{PROVENANCE_KEY}: {PROVENANCE_PREFIX}...' entry, so it was not " \
+               f"written by this converter"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -581,7 +458,9 @@ def write_dataset(spec: DatasetSpec, dataset_id: int, name: Optional[str] = None
         desc = f"{spec.command} -> {os.path.basename(target)}"
         if num_processes > 1 and len(jobs) > 1:
             # spawn, as nnU-Net does: forking a process that has ITK threads running can deadlock
-            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            # workers ignore Ctrl-C: the main process stops them (the pool's exit terminates them) before the
+            # temporary folder is removed, so no worker writes into it afterwards
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs)), ignore_sigint) as pool:
                 for r in _progress(pool.imap_unordered(_convert_case_star, jobs), len(jobs), desc):
                     reports.append(r)
         else:
@@ -605,7 +484,7 @@ def _write_dataset_json(spec: DatasetSpec, folder: str, name: str, dataset_id: i
         num_training_cases=sum(not r.test for r in reports), file_ending=FILE_ENDING,
         dataset_name=f"Dataset{int(dataset_id):03d}_{name}", description=spec.description,
         reference=spec.reference, license=spec.licence,
-        converted_by=f"nnunetv2_ohem_convert {spec.command}", numTest=sum(r.test for r in reports), **extra)
+        **{PROVENANCE_KEY: f"{PROVENANCE_PREFIX}{spec.command}"}, numTest=sum(r.test for r in reports), **extra)
 
 
 def _label_name(spec: DatasetSpec, value: int) -> str:

@@ -211,7 +211,8 @@ class AtomicFolder:
             os.rename(self.target, old)
             if os.path.isdir(old) and not os.path.islink(old):
                 write_marker(old)
-        os.remove(os.path.join(self.tmp, MARKER))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.tmp, MARKER))
         try:
             os.rename(self.tmp, self.target)
         except BaseException:

@@ -54,20 +54,22 @@ def install_sigterm_handler() -> None:
 
 
 def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
-            known_errors: tuple = ()) -> int:
+            known_errors: tuple = (), interrupted: str = "interrupted, nothing written") -> int:
     """Run ``main(argv)`` under the convention above and return the exit code.
 
     ``known_errors`` are library exception types that mean bad data (exit 1), e.g. ``ConversionError``.
+    ``interrupted`` is the line's text after Ctrl-C/SIGTERM, for tools that keep finished work (a resumable demo).
     Anything else propagates with its traceback: that is a bug, not a user error.
     """
+    previous = signal.getsignal(signal.SIGTERM)
     install_sigterm_handler()
     try:
         return int(main(argv) or 0)
     except Terminated:
-        print(f"{prog}: terminated (SIGTERM), interrupted, nothing written", file=sys.stderr)
+        print(f"{prog}: terminated (SIGTERM), {interrupted}", file=sys.stderr)
         return EXIT_SIGTERM
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted, nothing written", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return EXIT_SIGINT
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -75,3 +77,32 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Opt
     except known_errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_DATA
+    finally:
+        # in-process callers (tests, notebooks) get their SIGTERM handling back; processes forked later (e.g.
+        # nnU-Net's fork pools, stopped by SIGTERM) must not inherit a handler that raises
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, TypeError):  # not the main thread, or a handler not set from Python
+            pass
+
+
+def ignore_sigint() -> None:
+    """Initializer for worker processes: ignore Ctrl-C, which a terminal sends to the whole process group.
+
+    The main process handles it (and SIGTERM): it terminates its pool and then cleans up, so workers neither
+    print tracebacks nor keep writing into a folder that is being removed.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``-np``: an integer >= 1 (0 and negatives are usage errors)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value

@@ -25,7 +25,8 @@ from nnunetv2_ohem.dataset_conversion.acdc import convert_acdc  # noqa: E402
 from nnunetv2_ohem.dataset_conversion.brats import (brats_back, convert_brats, detect_year,  # noqa: E402
                                                     labels_back_to_brats)
 from nnunetv2_ohem.dataset_conversion.common import (ConversionError, Geometry, geometry_mismatch,  # noqa: E402
-                                                     label_values, nifti_payload_size, remap_labels)
+                                                     label_values, remap_labels)
+from nnunetv2_ohem.dataset_conversion.nifti import payload_size  # noqa: E402
 from nnunetv2_ohem.dataset_conversion.msseg2 import convert_msseg2  # noqa: E402
 from nnunetv2_ohem.dataset_conversion.valdo import convert_valdo  # noqa: E402
 
@@ -138,10 +139,10 @@ def test_geometry_mismatch_tolerance():
 
 
 def test_nifti_payload_size_matches_written_file(tmp_path):
+    import nibabel as nib
+
     path = write(str(tmp_path / "a.nii"), np.zeros((3, 4, 5), np.int16))
-    with open(path, "rb") as f:
-        assert nifti_payload_size(f.read(540)) == os.path.getsize(path) == 352 + 3 * 4 * 5 * 2
-    assert nifti_payload_size(b"not a header" * 50) is None
+    assert payload_size(nib.load(path)) == os.path.getsize(path) == 352 + 3 * 4 * 5 * 2
 
 
 def test_detect_year():
@@ -346,6 +347,10 @@ def test_brats_back_bad_prediction_and_existing_output(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ConversionError, match="out: output folder already exists"):
         brats_back(str(pred), str(tmp_path / "out"), 2021)
+    with pytest.raises(ConversionError, match="out: --overwrite refused"):   # not written by brats-back
+        brats_back(str(pred), str(tmp_path / "out"), 2021, overwrite=True)
+    os.rmdir(tmp_path / "out")
+    brats_back(str(pred), str(tmp_path / "out"), 2021)
     assert brats_back(str(pred), str(tmp_path / "out"), 2021, overwrite=True) == [str(tmp_path / "out" / "a.nii.gz")]
 
 
@@ -478,18 +483,26 @@ def test_existing_target_needs_overwrite_and_is_replaced_atomically(tmp_path, ca
     code, _, err = run_main(["valdo", src, "-d", "965", "-o", str(raw)], capsys)
     assert code == 1 and str(target) in err and "--overwrite" in err
     assert os.listdir(raw) == ["Dataset965_VALDO"] and os.listdir(target) == ["keep.txt"]
+    # a folder this converter did not write is not replaced, not even with --overwrite
+    code, _, err = run_main(["valdo", src, "-d", "965", "-o", str(raw), "--overwrite"], capsys)
+    assert code == 1 and "--overwrite refused" in err and str(target) in err
+    assert os.listdir(raw) == ["Dataset965_VALDO"] and os.listdir(target) == ["keep.txt"]
+    shutil.rmtree(target)
+    assert run_main(["valdo", src, "-d", "965", "-o", str(raw)], capsys)[0] == 0
+    before = tree_hash(str(target))
 
     # a failing overwrite leaves the old target as it was
     os.remove(os.path.join(src, "sub-101", "sub-101_space-T1_desc-masked_T2.nii.gz"))
     code, _, err = run_main(["valdo", src, "-d", "965", "-o", str(raw), "--overwrite"], capsys)
     assert code == 1 and "sub-101_space-T1_desc-masked_T2.nii.gz: missing T2 channel" in err
-    assert os.listdir(raw) == ["Dataset965_VALDO"] and os.listdir(target) == ["keep.txt"]
+    assert os.listdir(raw) == ["Dataset965_VALDO"] and tree_hash(str(target)) == before
 
     make_valdo(src)
+    (target / "imagesTr" / "stale.nii.gz").write_bytes(b"x")
     code, out, _ = run_main(["valdo", src, "-d", "965", "-o", str(raw), "--overwrite"], capsys)
     assert code == 0 and "2 training" in out
     assert os.listdir(raw) == ["Dataset965_VALDO"]               # old copy and temp folder gone
-    assert "keep.txt" not in os.listdir(target) and len(os.listdir(target / "imagesTr")) == 6
+    assert "stale.nii.gz" not in os.listdir(target / "imagesTr") and len(os.listdir(target / "imagesTr")) == 6
 
 
 def test_dataset_id_used_by_another_name(tmp_path, capsys):

@@ -436,7 +436,7 @@ def test_cli_subprocess_writes_json_and_csv(msseg_folders, tmp_path, cli):
     assert data["cases"][1]["lesion_f1"] is None
     df = pd.read_csv(csv)
     assert list(df["case"]) == ["P01", "P02"] and df.loc[0, "lesion_f1"] == pytest.approx(2 / 3)
-    assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp_")]
+    assert os.listdir(out.parent) == ["metrics.json"]             # no temporary file left
 
 
 def test_brats_and_segmentation_folders(tmp_path):

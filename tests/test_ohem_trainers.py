@@ -137,7 +137,7 @@ def test_checkpoint_roundtrip_restores_miner_and_online_exactly(tiny_dataset, tr
             p.add_(0.123)
     path = str(tmp_path / "ck.pth")
     tr.save_checkpoint(path)
-    assert not os.path.exists(path + ".part")
+    assert os.listdir(tmp_path) == ["ck.pth"]   # no temporary file left
     ck = torch.load(path, weights_only=False)
     assert ck["ohem_ema"]["ema_momentum"] == tr.ema_momentum and ck["ohem_ema"]["candidate_factor"] == 4
     new = make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEMEMA_Debug, start=False)
@@ -176,7 +176,8 @@ def test_checkpoint_roundtrip_restores_miner_and_online_exactly(tiny_dataset, tr
             exp.save_checkpoint(path)
     finally:
         torch.save = real_save
-    assert calls[0] == path + ".part" and open(path, "rb").read() == good
+    assert os.path.dirname(calls[0]) == str(tmp_path) and calls[0] != path   # written under a temporary name
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ck.pth"]
 
     # a plain nnU-Net checkpoint: warn, miner := online
     del ck["ohem_ema"]

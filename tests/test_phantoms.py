@@ -39,7 +39,7 @@ def test_layout_and_manifest(phantom_set):
     manifest = json.loads((phantom_set / "phantom_manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["config"]["voxel_size"] == 3.0
     # no temporary folder left behind next to the output
-    assert [p for p in os.listdir(phantom_set.parent) if p.startswith(".phantoms_tmp_")] == []
+    assert [p for p in os.listdir(phantom_set.parent) if ".tmp-" in p] == []
 
 
 def test_same_seed_same_bytes_other_seed_differs(phantom_set, tmp_path):

@@ -70,7 +70,7 @@ def test_layout_2021_and_manifest(set2021):
     assert brats_config_from_dict(manifest["config"]) == FAST
     assert [manifest["subjects"][c]["split"] for c in cases] == ["training"] * 5 + ["validation"]
     assert [manifest["subjects"][c]["index"] for c in cases] == list(range(6))
-    assert [p for p in os.listdir(set2021.parent) if p.startswith(".phantoms_tmp_")] == []
+    assert [p for p in os.listdir(set2021.parent) if ".tmp-" in p] == []
 
 
 def test_layout_2020_uncompressed_and_validation_names(tmp_path):

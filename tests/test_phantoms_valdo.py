@@ -71,7 +71,7 @@ def test_layout_and_manifest(phantom_set, manifest):
         assert s["n_lacunes"] == len(s["lacunes"]) and s["n_pvs"] == len(s["pvs"])
         assert FAST.n_pvs[0] <= s["n_pvs"] <= FAST.n_pvs[1]  # PVS recorded separately, lacune-free subjects too
     # no temporary folder left behind next to the output
-    assert [p for p in os.listdir(phantom_set.parent) if p.startswith(".phantoms_tmp_")] == []
+    assert [p for p in os.listdir(phantom_set.parent) if ".tmp-" in p] == []
 
 
 def test_existing_output_is_not_overwritten_silently(phantom_set):

@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Console script. Ctrl-C / SIGTERM stop the running step (its nnU-Net subprocess too), keep the finished
+    ones for the next run and exit 130 / 143 with one line; a half-written report is removed."""
+    from nnunetv2_ohem.cli_common import run_cli
+
+    return run_cli("nnunetv2_ohem_demo", demo_main, argv,
+                   interrupted="interrupted; finished steps are kept and reused by the next run")
+
+
+def demo_main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--study" in argv:  # the study (issue 10 §3) has its own options: nnunetv2_ohem_demo --study --help
         from nnunetv2_ohem.demo.study import main as study_main

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from nnunetv2_ohem.atomic import write_text_atomic
+
 KNOWN_METHODS = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling",
                  "nnUNetTrainerOHEM", "nnUNetTrainerOHEMEMA_DiceMining", "nnUNetTrainerOHEMEMA_CE")
 STAMP = ".nnunetv2_ohem_demo"
@@ -203,10 +205,7 @@ def write_single_split(labels_tr: str, path: str, val_fraction: float = 0.2) -> 
                         f"{len(cases)}")
     n_val = max(1, int(round(val_fraction * len(cases))))
     split = {"train": cases[:-n_val], "val": cases[-n_val:]}
-    tmp = path + ".part"
-    with open(tmp, "w") as f:
-        json.dump([split], f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps([split], indent=1))
     return split
 
 
@@ -251,11 +250,8 @@ class StepRunner:
         start, cpu_start = time.time(), _cpu_seconds()
         fn()
         seconds, cpu = time.time() - start, _cpu_seconds() - cpu_start
-        tmp = marker + ".part"
-        with open(tmp, "w") as f:
-            json.dump({"settings": settings, "seconds": seconds, "cpu_seconds": cpu,
-                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
-        os.replace(tmp, marker)
+        write_text_atomic(marker, json.dumps({"settings": settings, "seconds": seconds, "cpu_seconds": cpu,
+                                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
         self.ran.add(name)
         self.record[name] = {"status": "ran", "seconds": seconds, "cpu_seconds": cpu}
         return True
@@ -388,8 +384,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             os.makedirs(paths.metrics, exist_ok=True)
             agg = dict(agg, method=method, trainer=trainer_for(method),
                        train_seconds=step_seconds(paths, f"train/{method}"))
-            _atomic_write(os.path.join(paths.metrics, f"{method}_cases.csv"), df.to_csv(index=False))
-            _atomic_write(os.path.join(paths.metrics, f"{method}.json"), json.dumps(agg, indent=1))
+            write_text_atomic(os.path.join(paths.metrics, f"{method}_cases.csv"), df.to_csv(index=False))
+            write_text_atomic(os.path.join(paths.metrics, f"{method}.json"), json.dumps(agg, indent=1))
         step(f"evaluate/{method}", {}, [f"predict/{method}"], evaluate)
     if stop == 5:
         return finish()
@@ -405,13 +401,6 @@ def run_demo(cfg: DemoConfig) -> Dict:
 
     step("report", {"methods": list(cfg.methods)}, [f"evaluate/{m}" for m in cfg.methods], report)
     return finish()
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["DemoConfig", "DemoError", "run_demo", "KNOWN_METHODS", "trainer_for", "Paths"]

@@ -8,12 +8,13 @@ import html
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+
+from nnunetv2_ohem.atomic import AtomicFolder
 
 #: table column -> path into the evaluation's aggregate json (MSSEG-II challenge aggregation)
 TABLE_COLUMNS: Dict[str, Tuple[str, ...]] = {
@@ -253,10 +254,9 @@ def build_report(out: str, methods: Sequence[str], training_outputs: Dict[str, s
     """Write ``report_dir/report.html`` (+ PNGs and ``summary.json``); returns the html path."""
     metrics = load_metrics(metrics_dir, methods)
     table = metrics_table(metrics)
-    parent = os.path.dirname(os.path.abspath(report_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".report_tmp_", dir=parent)
-    try:
+    # the report folder is rebuilt whole: a rerun never mixes old and new figures, an interrupted one leaves
+    # the previous report as it was
+    with AtomicFolder(report_dir, overwrite=True) as tmp:
         sections: List[Tuple[str, str]] = []
         logs = {m: load_training_log(training_outputs[m]) for m in methods if training_outputs.get(m)}
         logs = {m: v for m, v in logs.items() if v}
@@ -297,12 +297,6 @@ def build_report(out: str, methods: Sequence[str], training_outputs: Dict[str, s
         info.update(run_info or {})
         with open(os.path.join(tmp, "report.html"), "w") as f:
             f.write(render_html(table, info, sections))
-        if os.path.exists(report_dir):
-            shutil.rmtree(report_dir)
-        os.rename(tmp, report_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return os.path.join(report_dir, "report.html")
 
 

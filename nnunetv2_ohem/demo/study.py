@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, Paths, _atomic_write, console_script,
+from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
+from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, Paths, console_script,
                                          nnunet_env, resolve_device, run_demo, run_logged, trainer_for)
 
 #: display names (the paper's terms; the ranking error in brackets)
@@ -277,8 +278,8 @@ def train_predict_evaluate(cfg: StudyConfig, paths: Paths, device: str, budget: 
            "n_cases_with_lesions": agg["challenge"]["cases_with_lesions"]["n_cases"],
            "n_lesion_free": agg["challenge"]["lesion_free_cases"]["n_cases"], "reused_from": "",
            **{k: _get(agg, p) for k, p in METRICS.items()}}
-    _atomic_write(os.path.join(run_dir, "epoch_times.json"), json.dumps(epoch_times))
-    _atomic_write(result_path, json.dumps({"settings": settings, "row": row}, indent=1))
+    write_text_atomic(os.path.join(run_dir, "epoch_times.json"), json.dumps(epoch_times))
+    write_text_atomic(result_path, json.dumps({"settings": settings, "row": row}, indent=1))
     return row
 
 
@@ -341,7 +342,7 @@ def run_study(cfg: StudyConfig) -> Dict:
     timing_path = os.path.join(cfg.out, "timing.json")
     date = time.strftime("%Y-%m-%d")
     if n_ran[0] > 0 or not os.path.exists(timing_path):
-        _atomic_write(timing_path, json.dumps({"seconds": seconds, "runs_computed": n_ran[0], "date": date}))
+        write_text_atomic(timing_path, json.dumps({"seconds": seconds, "runs_computed": n_ran[0], "date": date}))
     else:
         with open(timing_path) as f:
             timing = json.load(f)
@@ -380,10 +381,9 @@ def plot_results(results: pd.DataFrame, path: str, methods: Sequence[str]) -> No
             ax.set_title(f"{name} — equal {budget}", fontsize=9)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".part.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_selection(cfg: StudyConfig, path: str) -> bool:
@@ -419,9 +419,8 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
         ax.set_title("OHEM-EMA: patches selected for training, per ranking error (one line per seed)", fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path + ".part.png"
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return found
 
@@ -438,7 +437,7 @@ def machine_description(device: str) -> str:
 def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str,
                date: Optional[str] = None) -> None:
     os.makedirs(cfg.docs, exist_ok=True)
-    _atomic_write(os.path.join(cfg.docs, "results.csv"), results.to_csv(index=False, float_format="%.4g"))
+    write_text_atomic(os.path.join(cfg.docs, "results.csv"), results.to_csv(index=False, float_format="%.4g"))
     # the summary is computed from the csv as written, so the table matches it exactly
     written = pd.read_csv(os.path.join(cfg.docs, "results.csv"))
     summary = summarize(written)
@@ -475,7 +474,7 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
     if cfg.notes:
         with open(cfg.notes) as f:
             lines += ["## Findings", "", f.read().strip(), ""]
-    _atomic_write(os.path.join(cfg.docs, "summary.md"), "\n".join(lines))
+    write_text_atomic(os.path.join(cfg.docs, "summary.md"), "\n".join(lines))
 
 
 __all__ = ["StudyConfig", "run_study", "mean_ci", "equal_time_epochs", "parse_epoch_times", "summarize",

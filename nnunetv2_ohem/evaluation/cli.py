@@ -1,13 +1,17 @@
 """``nnunetv2_ohem_evaluate {msseg2,valdo,brats,segmentation} -ref REF -pred PRED [-o metrics.json] [--csv cases.csv] [-np N]``
 
 Pairs files by nnU-Net case name, refuses missing/extra predictions and geometry mismatches, prints a
-compact table and writes the per-case rows and the aggregate atomically. Exit code 2 on bad input.
+compact table and writes the per-case rows and the aggregate atomically. Bad input (a truncated, NaN or
+non-integer file, a missing case, a geometry mismatch): one line naming the file, exit code 1, nothing written;
+bad options (e.g. ``-np 0``): exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
+
+from nnunetv2_ohem.cli_common import positive_int
 
 KIND_HELP = {
     "msseg2": "MSSEG-II: Dice, lesion-wise F1 (animaSegPerfAnalyzer rule), FP lesions/volume on lesion-free cases",
@@ -34,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-pred", required=True, help="folder of predictions named like the references")
         p.add_argument("-o", "--output", default=None, help="metrics JSON (aggregate + per-case rows)")
         p.add_argument("--csv", default=None, help="per-case CSV")
-        p.add_argument("-np", "--num_processes", type=int, default=1, help="cases evaluated in parallel")
+        p.add_argument("-np", "--num_processes", type=positive_int, default=1, help="cases evaluated in parallel")
         p.add_argument("--origin_tol", type=float, default=1e-3, help="origin tolerance in mm (default 1e-3)")
         p.add_argument("--spacing_tol", type=float, default=1e-4, help="relative spacing tolerance (1e-4)")
         if kind == "msseg2":
@@ -119,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         df, agg = evaluate_folders(args.kind, args.ref, args.pred, args.num_processes, **_options(args))
     except EvaluationError as e:
         print(f"nnunetv2_ohem_evaluate {args.kind}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(1)
     print(format_table(df, agg, args.kind))
     if args.output:
         write_json_atomic({"aggregate": agg, "cases": json_safe(df.to_dict(orient="records"))}, args.output)

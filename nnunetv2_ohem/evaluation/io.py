@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_ohem.atomic import atomic_file
+from nnunetv2_ohem.dataset_conversion.nifti import NiftiError, read_image
 from nnunetv2_ohem.evaluation.lesions import EvaluationError
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
@@ -73,18 +74,14 @@ def match_cases(ref_dir: str, pred_dir: str) -> List[Tuple[str, str, str]]:
 
 
 def read_mask(path: str) -> Mask:
-    """Read a label image; integer-valued data required (the file is named in every error)."""
+    """Read a label image with the converters' validated reader: a truncated or unreadable file, NaN/Inf voxels
+    (checked in the raw NIfTI data) and non-integer values are refused with one line naming the file."""
     try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise EvaluationError(f"{path}: cannot read image ({str(e).strip().splitlines()[-1]})") from None
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise EvaluationError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel, "
-                              f"expected a single label map")
+        img = read_image(str(path), label=True)
+    except NiftiError as e:
+        raise EvaluationError(str(e)) from None
     arr = sitk.GetArrayFromImage(img)
     if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise EvaluationError(f"{path}: contains non-integer values; expected a label map")
         arr = arr.astype(np.int32)
     return Mask(str(path), arr, tuple(float(s) for s in img.GetSpacing()[::-1]),
                 tuple(float(o) for o in img.GetOrigin()), tuple(float(d) for d in img.GetDirection()))
@@ -114,23 +111,13 @@ def require_labels(mask: Mask, allowed: Sequence[int], what: str) -> np.ndarray:
     return u
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json_atomic(obj, path: str) -> None:
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
 
 
 def write_csv_atomic(df, path: str) -> None:
-    _atomic_write(path, lambda f: df.to_csv(f, index=False))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path, newline="") as f:
+        df.to_csv(f, index=False)

@@ -8,8 +8,6 @@ by ``(seed, subject index)`` makes every subject reproducible byte for byte.
 import contextlib
 import heapq
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -254,21 +252,37 @@ def lesion_free_indices(n_subjects: int, seed: int, fraction: float, split: int 
 
 
 
+#: the file every phantom writer leaves in its output folder; ``overwrite`` replaces only folders that hold one
+MANIFEST = "phantom_manifest.json"
+
+
+def foreign_output(out_dir: str) -> Optional[str]:
+    """Why ``out_dir`` is not a phantom set written by this package (so ``overwrite`` must not delete it),
+    or ``None`` when its :data:`MANIFEST` names one of our generators."""
+    import json
+
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            generator = str(json.load(f).get("generator", ""))
+    except (OSError, ValueError, AttributeError):
+        return f"it has no readable {MANIFEST}"
+    return None if generator.startswith("nnunetv2_ohem.phantoms.") else f"its {MANIFEST} names no phantom generator"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder of ``out_dir`` to fill; on success it replaces ``out_dir`` by rename,
-    on any error it is removed, so ``out_dir`` is either complete or untouched."""
+    on any error (Ctrl-C and SIGTERM too) it is removed, so ``out_dir`` is either complete or untouched (see
+    :class:`nnunetv2_ohem.atomic.AtomicFolder`). ``overwrite`` replaces only an earlier phantom set."""
+    from nnunetv2_ohem.atomic import AtomicFolder, OutputExistsError
+
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".phantoms_tmp_", dir=parent)
-    try:
+    if os.path.lexists(out_dir):
+        why = foreign_output(out_dir)
+        if why:
+            raise OutputExistsError(f"{out_dir}: overwrite refused, {why}, so it is not a phantom set written by "
+                                    f"nnunetv2_ohem; remove it yourself or choose another folder")
+    with AtomicFolder(out_dir, overwrite) as tmp:
         yield tmp
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

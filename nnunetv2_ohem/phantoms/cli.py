@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from nnunetv2_ohem.atomic import OutputExistsError
+
 #: kind -> (module, config class, writer, keyword of the writer's extra split, what the extra cases are)
 GENERATORS: Dict[str, tuple] = {
     "msseg2": ("nnunetv2_ohem.phantoms.mni", "MSSEG2PhantomConfig", "write_msseg2_phantoms", "n_test",
@@ -80,13 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="brats only: the release whose names and label values to write (default 2021)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a generator config field (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set (a folder with a "
+                                                             "phantom_manifest.json of these generators)")
     p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Console script: Ctrl-C / SIGTERM remove the temporary folder and exit 130 / 143 with one line."""
+    from nnunetv2_ohem.cli_common import run_cli
+
+    return run_cli("nnunetv2_ohem_phantoms", phantoms_main, argv)
+
+
+def phantoms_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, config_name, writer_name, extra_kw, _ = GENERATORS[args.kind]
     module = importlib.import_module(module_name)
@@ -105,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.kind == "brats":
             kwargs["year"] = args.year or 2021
         out = getattr(module, writer_name)(args.out, **kwargs)
+    except OutputExistsError:
+        raise   # its own one-line message (overwrite refused)
     except FileExistsError:
         print(f"nnunetv2_ohem_phantoms: error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 1

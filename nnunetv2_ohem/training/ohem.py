@@ -40,6 +40,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
 from nnunetv2_ohem.mining.ema import ema_update_, unwrap_model
 from nnunetv2_ohem.mining.errors import RANKING_ERRORS, has_foreground, per_sample_error
 from nnunetv2_ohem.mining.schedule import is_mining_step, mining_window
@@ -500,10 +501,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         diag = {k: [None if not np.isfinite(v) else float(v) for v in logging[k][:n]] for k in OHEM_LOG_KEYS}
         diag.update({"epoch": list(range(n)), "trainer": type(self).__name__, "batch_size": self.batch_size,
                      "num_candidates": self.num_candidates, **self._settings()})
-        path = os.path.join(self.output_folder, "ohem_diagnostics.json")
-        with open(path + ".part", "w") as f:
-            json.dump(diag, f, indent=1)
-        os.replace(path + ".part", path)
+        write_text_atomic(os.path.join(self.output_folder, "ohem_diagnostics.json"), json.dumps(diag, indent=1))
         plot_ohem_diagnostics(diag, os.path.join(self.output_folder, "ohem_progress.png"))
 
     # ------------------------------------------------------------------ checkpoints
@@ -517,16 +515,15 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         written under a temp name and renamed so a hard kill never leaves a checkpoint without miner state."""
         if self.local_rank != 0 or self.disable_checkpointing or self.miner is None:
             return super().save_checkpoint(filename)
-        tmp = filename + ".part"
-        super().save_checkpoint(tmp)
-        checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
-        state = self._ohem_state()
-        if self.export_ema_weights:
-            state["online_weights"] = checkpoint["network_weights"]
-            checkpoint["network_weights"] = state["miner_weights"]
-        checkpoint["ohem_ema"] = state
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(tmp)
+            checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+            state = self._ohem_state()
+            if self.export_ema_weights:
+                state["online_weights"] = checkpoint["network_weights"]
+                checkpoint["network_weights"] = state["miner_weights"]
+            checkpoint["ohem_ema"] = state
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -580,10 +577,9 @@ def plot_ohem_diagnostics(diag: dict, path: str) -> None:
     fig.suptitle(f"{diag.get('trainer', 'OHEM')}: k={diag.get('candidate_factor')}, "
                  f"mu={diag.get('ema_momentum')}")
     fig.tight_layout()
-    tmp = path + ".part.png"
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class nnUNetTrainerOHEM(nnUNetTrainerOHEMEMA):
