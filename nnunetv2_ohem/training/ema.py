@@ -23,7 +23,8 @@ from typing import Iterator, Optional, Union
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_ohem.mining.ema import ema_momentum_at, ema_update_, swap_weights_, unwrap_model
+from nnunetv2_ohem.mining.ema import PairedTensors, ema_momentum_at, ema_update_pairs_, pair_tensors, swap_weights_, \
+    unwrap_model
 from nnunetv2_ohem.training import precision
 from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss
 from nnunetv2_ohem.training.common import with_training_length
@@ -70,6 +71,7 @@ class EMAMixin:
         #: EMA updates done so far (t of the warm-up ramp); saved in checkpoints
         self.ema_num_updates = 0
         self._ema_in_network = False
+        self._ema_pairs: Optional[PairedTensors] = None
 
     # ------------------------------------------------------------------ the average
     def initialize(self):
@@ -86,6 +88,7 @@ class EMAMixin:
         # -pretrained_weights are loaded after initialize(): start the average from them, not from the init
         if self.ema_num_updates == 0:
             self.ema_model.load_state_dict(unwrap_model(self.network).state_dict())
+        self._ema_pairs = None
 
     def ema_current_momentum(self) -> float:
         """μ of the next update."""
@@ -93,7 +96,10 @@ class EMAMixin:
 
     def ema_update(self) -> None:
         """One EMA step from the current online weights (called after every optimiser step)."""
-        ema_update_(self.ema_model, self.network, self.ema_current_momentum())
+        if self._ema_pairs is None:
+            # paired once: nnU-Net never replaces the network's tensors after initialize()
+            self._ema_pairs = pair_tensors(self.ema_model, self.network)
+        ema_update_pairs_(self._ema_pairs, self.ema_current_momentum())
         self.ema_num_updates += 1
 
     def train_step(self, batch: dict) -> dict:
