@@ -196,7 +196,7 @@ def test_checkpoint_holds_both_weight_sets_and_resume_is_bit_identical(tiny_data
         tr.train_step(b)
     path = str(tmp_path / "ck.pth")
     tr.save_checkpoint(path)
-    assert not os.path.exists(path + ".part")
+    assert os.listdir(tmp_path) == ["ck.pth"]   # no temporary file left
     ck = torch.load(path, weights_only=False)
     assert_states_close(ck["network_weights"], state(tr.ema_model), exact=True)  # for stock nnUNetv2_predict
     assert_states_close(ck["weight_ema"]["online_weights"], state(tr.network), exact=True)  # for --c

@@ -16,13 +16,13 @@ OHEM-EMA's miner is this same average (its trainers inherit the mixin). See ``do
 """
 import contextlib
 import copy
-import os
 import warnings
 from typing import Iterator, Optional, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_ohem.atomic import atomic_path
 from nnunetv2_ohem.mining.ema import PairedTensors, ema_momentum_at, ema_update_pairs_, pair_tensors, swap_weights_, \
     unwrap_model
 from nnunetv2_ohem.training import precision
@@ -153,16 +153,15 @@ class EMAMixin:
         if self.local_rank != 0 or self.disable_checkpointing or self.ema_model is None:
             return super().save_checkpoint(filename)
         self._set_ema_in_network(False)  # never save swapped weights as the online ones
-        tmp = filename + ".part"
-        super().save_checkpoint(tmp)
-        checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
-        state = self.ema_checkpoint_state()
-        if self.ema_export:
-            state["online_weights"] = checkpoint["network_weights"]
-            checkpoint["network_weights"] = state["ema_weights"]
-        checkpoint[EMA_CHECKPOINT_KEY] = state
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(tmp)
+            checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+            state = self.ema_checkpoint_state()
+            if self.ema_export:
+                state["online_weights"] = checkpoint["network_weights"]
+                checkpoint["network_weights"] = state["ema_weights"]
+            checkpoint[EMA_CHECKPOINT_KEY] = state
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         """nnU-Net's load, then the online weights (if the checkpoint exported the EMA), the EMA weights and
