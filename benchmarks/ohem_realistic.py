@@ -183,6 +183,15 @@ class CpuMeter:
 
 
 # ---------------------------------------------------------------------------------------------- trainers
+#: every optimiser step mines, and all B trained patches are the hardest (the benchmarks measure mining steps;
+#: the trainers' default schedule starts with plain nnU-Net steps and mixes in random candidates)
+MINE_EVERY_STEP = {"ohem_warmup_fraction": 0.0, "ohem_end_fraction": 1.0, "ohem_hard_fraction": 1.0}
+
+
+def mining_attrs(cls) -> dict:
+    return {k: v for k, v in MINE_EVERY_STEP.items() if hasattr(cls, k)}
+
+
 def make_trainer(cls, plans: dict, configuration: str, device: str, attrs: Optional[dict] = None,
                  start: bool = True):
     import torch
@@ -191,8 +200,8 @@ def make_trainer(cls, plans: dict, configuration: str, device: str, attrs: Optio
     plans["continue_training"] = False
     with open(os.path.join(str(nnUNet_preprocessed), plans["dataset_name"], "dataset.json")) as f:
         dj = json.load(f)
-    if attrs:
-        cls = type(cls.__name__, (cls,), dict(attrs))
+    if attrs is not None:
+        cls = type(cls.__name__, (cls,), {**mining_attrs(cls), **attrs})
     with contextlib.redirect_stdout(sys.stderr):
         tr = cls(plans, configuration, "all", dj, torch.device(device))
         if start:

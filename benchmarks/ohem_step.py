@@ -25,6 +25,7 @@ All rows carry ``benchmark, plans, patch, B, B_bar, candidates, scoring, loader_
 selection_recall, device`` (``null`` where not measured).
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -40,7 +41,9 @@ def _trainer(cls, ds_folder, plans_id, configuration, device, k, miner_chunk=Non
     plans["continue_training"] = False
     dj = load_json(os.path.join(ds_folder, "dataset.json"))
     if k is not None:
-        cls = type(cls.__name__, (cls,), {"candidate_factor": k, "miner_chunk_size": miner_chunk, **(attrs or {})})
+        from ohem_realistic import mining_attrs  # every step mines, all B trained patches the hardest
+        cls = type(cls.__name__, (cls,), {**mining_attrs(cls), "candidate_factor": k, "miner_chunk_size": miner_chunk,
+                                          **(attrs or {})})
     # fold 'all': the benchmark may use fewer than 5 cases
     tr = cls(plans, configuration, "all", dj, torch.device(device))
     tr.on_train_start()
@@ -147,23 +150,39 @@ def realistic(args) -> None:
                   "network": conf["architecture"]["network_class_name"].rsplit(".", 1)[-1],
                   "case_shape": [int(round(x)) for x in conf["median_image_size_in_voxels"]]}
         ohem_attrs = {"candidate_factor": args.k, "miner_chunk_size": args.miner_chunk}
-        trainers = {"plain": R.make_trainer(nnUNetTrainer, p, args.configuration, args.device)}
-        for mode in ("augmented", "crops"):
-            trainers[mode] = R.make_trainer(nnUNetTrainerOHEMEMA, p, args.configuration, args.device,
-                                            {**ohem_attrs, "ohem_candidates": mode})
-        B_bar = trainers["crops"].num_candidates
+
+        def start(mode, extra=None):
+            if mode == "plain":
+                return R.make_trainer(nnUNetTrainer, p, args.configuration, args.device)
+            return R.make_trainer(nnUNetTrainerOHEMEMA, p, args.configuration, args.device,
+                                  {**ohem_attrs, "ohem_candidates": mode, **(extra or {})})
+
+        trainers = {}
         try:
-            # (a) data pipeline per optimiser step
+            # (a) data pipeline per optimiser step; one trainer (and its loader workers) alive at a time, so
+            # that three sets of 128³ prefetch queues never share the memory
             if not args.skip_loader and (args.loader_plans is None or pname in args.loader_plans):
-                lo = R.measure_loaders({m: R.loader_step_fn(tr, m) for m, tr in trainers.items()},
-                                       args.loader_steps, args.loader_warmup, args.repeats)
+                lo = {}
+                for mode in ("plain", "augmented", "crops"):
+                    tr = start(mode)
+                    try:
+                        lo.update(R.measure_loaders({mode: R.loader_step_fn(tr, mode)}, args.loader_steps,
+                                                    args.loader_warmup, args.repeats))
+                    finally:
+                        R.finish(tr)
+                        del tr
+                        gc.collect()
+                B_bar = args.k * B
                 for mode in ("plain", "augmented", "crops"):
                     emit({**common, "benchmark": "ohem_realistic_loader", "B_bar": None if mode == "plain" else B_bar,
                           "candidates": None if mode == "plain" else mode,
                           "loader_ratio": _ratio(lo[mode]["cpu_s"], lo["plain"]["cpu_s"]),
                           "loader_wall_ratio": _ratio(lo[mode]["wall_s"], lo["plain"]["wall_s"]),
                           "loader_cpu_s": _r(lo[mode]["cpu_s"]), "loader_wall_s": _r(lo[mode]["wall_s"]),
-                          "steps": args.loader_steps, "repeats": args.repeats})
+                          "steps": args.loader_steps, "repeats": args.repeats,
+                          "note": "loaders measured one after the other (not interleaved)"})
+            trainers["crops"] = start("crops")
+            B_bar = trainers["crops"].num_candidates
             # (b) miner scoring per option, on real candidate crops of this plan
             tr = trainers["crops"]
             batch = next(tr.dataloader_train)
@@ -183,11 +202,10 @@ def realistic(args) -> None:
             # (c) full steps: plain vs OHEM-EMA per candidate mode with the chosen scoring option
             if args.full_steps:
                 best = args.best_scoring
+                R.finish(trainers.pop("crops"))
+                trainers["plain"] = start("plain")
                 for mode in ("augmented", "crops"):
-                    R.finish(trainers[mode])
-                    trainers[mode] = R.make_trainer(nnUNetTrainerOHEMEMA, p, args.configuration, args.device,
-                                                    {**ohem_attrs, "ohem_candidates": mode,
-                                                     **R.class_attrs_for(best)})
+                    trainers[mode] = start(mode, R.class_attrs_for(best))
                 times, mem = {m: [] for m in trainers}, {}
                 for m, t in trainers.items():  # one trainer after the other: each loader reaches steady state
                     for i in range(args.full_warmup + args.full_steps):
@@ -294,6 +312,7 @@ def tiny_options(args) -> None:
 
 
 def main():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

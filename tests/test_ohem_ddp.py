@@ -34,8 +34,14 @@ def _worker(rank, world, preprocessed_folder, plans_identifier, results_dir):
     plans["configurations"]["3d_fullres"]["batch_size"] = GLOBAL_BATCH
     dj = load_json(os.path.join(preprocessed_folder, "dataset.json"))
 
+    # the real trainer, mining from the first step with all B_r patches the hardest (the default schedule
+    # starts with plain nnU-Net steps, which this short run would never leave)
+    schedule = {k: v for k, v in {"ohem_warmup_fraction": 0.0, "ohem_end_fraction": 1.0,
+                                  "ohem_hard_fraction": 1.0}.items() if hasattr(nnUNetTrainerOHEMEMA, k)}
+    cls = type("nnUNetTrainerOHEMEMA", (nnUNetTrainerOHEMEMA,), schedule)
+
     def new_trainer():
-        return nnUNetTrainerOHEMEMA(copy.deepcopy(plans), "3d_fullres", 0, dj, torch.device("cpu"))
+        return cls(copy.deepcopy(plans), "3d_fullres", 0, dj, torch.device("cpu"))
 
     tr = new_trainer()
     tr.on_train_start()
