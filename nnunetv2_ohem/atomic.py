@@ -36,8 +36,12 @@ _TMP_TAG = ".tmp-"
 Log = Callable[[str], None]
 
 
-class OutputExistsError(UserError, FileExistsError):
-    """The output appeared while it was being written (exit code 1 under :func:`~nnunetv2_ohem.cli_common.run_cli`)."""
+class OutputError(UserError, OSError):
+    """The output cannot be created where asked (exit code 1 under :func:`~nnunetv2_ohem.cli_common.run_cli`)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and must not be replaced, or appeared while it was being written."""
 
 
 def _stderr(message: str) -> None:
@@ -166,16 +170,20 @@ class AtomicFolder:
 
     def __enter__(self) -> str:
         missing, p = [], self.parent
-        while not os.path.exists(p):
+        while not os.path.lexists(p):
             missing.append(p)
             p = os.path.dirname(p)
-        os.makedirs(self.parent, exist_ok=True)
         self._made_parents = missing
         try:
+            os.makedirs(self.parent, exist_ok=True)
             sweep_stale(self.target, self.log)
             with signals_blocked():   # no window with a folder that has no marker
                 self.tmp = _new_sibling(self.parent, f".{os.path.basename(self.target)}{_TMP_TAG}")
                 write_marker(self.tmp)
+        except OSError as e:
+            self._cleanup()
+            raise OutputError(f"{self.target}: cannot create the output ({e.strerror or e}: "
+                              f"{e.filename or self.parent})") from None
         except BaseException:
             self._cleanup()
             raise
@@ -184,7 +192,9 @@ class AtomicFolder:
     def _cleanup(self) -> None:
         if self.tmp and os.path.lexists(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
-        for p in self._made_parents:
+        for p in self._made_parents:   # deepest first; some may not have been made
+            if not os.path.isdir(p):
+                continue
             try:
                 os.rmdir(p)
             except OSError:

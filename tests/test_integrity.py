@@ -338,6 +338,17 @@ def test_atomic_folder_removes_temp_on_interrupt_and_keeps_old_target(tmp_path):
     assert os.listdir(tmp_path) == ["t"] and os.listdir(target) == ["v2"]   # old copy and marker gone
 
 
+def test_unwritable_output_location_is_one_line(tmp_path, capsys):
+    src = str(tmp_path / "src")
+    make_msseg2(src)
+    (tmp_path / "afile").write_text("not a folder")
+    raw = tmp_path / "afile" / "raw"
+    assert convert_cli.main(["msseg2", src, "-d", "987", "-o", str(raw)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(raw / "Dataset987_MSSEG2") in err[0] and "cannot create the output" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["afile", "src"]
+
+
 # ----------------------------------------------------------------------------------------- overwrite
 
 def test_overwrite_refuses_foreign_folders_and_replaces_own(tmp_path, capsys):
