@@ -130,7 +130,7 @@ def trainer_benchmark(steps: int):
 
     dataset_id = 910
     write_simple_lesion_dataset(os.environ["nnUNet_raw"], dataset_id, "BlobBench", seed=0)
-    plans_id = plan_and_preprocess_tiny(dataset_id, num_processes=1)
+    plans_id = plan_and_preprocess_tiny(dataset_id, num_processes=1, fast_fingerprint_if_missing=True)
     folder = os.path.join(os.environ["nnUNet_preprocessed"], f"Dataset{dataset_id}_BlobBench")
 
     def make(cls):

@@ -4,6 +4,13 @@
 modules (imported lazily so ``import nnunetv2_ohem.dataset_conversion`` stays cheap); all share the
 validated, atomic writer in :mod:`nnunetv2_ohem.dataset_conversion.common`.
 """
-from nnunetv2_ohem.dataset_conversion.common import ConversionError
-
 __all__ = ["ConversionError"]
+
+
+def __getattr__(name: str):
+    # lazily, so that ``nnunetv2_ohem_convert --help`` does not import SimpleITK
+    if name == "ConversionError":
+        from nnunetv2_ohem.dataset_conversion.common import ConversionError
+
+        return ConversionError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -90,7 +90,7 @@ def discover_acdc(source_dir: str) -> DatasetSpec:
 
 
 def convert_acdc(source_dir: str, dataset_id: int, name: Optional[str] = None, raw_dir: Optional[str] = None,
-                 overwrite: bool = False, num_processes: int = 1) -> str:
+                 overwrite: bool = False, num_processes: int = 1, progress: bool = False) -> str:
     """Convert ACDC to ``raw_dir/DatasetXXX_<name or ACDC>``; returns that folder."""
     spec = discover_acdc(source_dir)
-    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes)
+    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes, progress=progress)

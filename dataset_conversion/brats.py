@@ -140,10 +140,11 @@ def discover_brats(source_dir: str, year: Union[int, str, None] = None) -> Datas
 
 
 def convert_brats(source_dir: str, dataset_id: int, name: Optional[str] = None, raw_dir: Optional[str] = None,
-                  overwrite: bool = False, num_processes: int = 1, year: Union[int, str, None] = None) -> str:
+                  overwrite: bool = False, num_processes: int = 1, year: Union[int, str, None] = None,
+                  progress: bool = False) -> str:
     """Convert BraTS 2020/2021/2023 to ``raw_dir/DatasetXXX_<name or BraTS<year>>``; returns that folder."""
     spec = discover_brats(source_dir, year)
-    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes)
+    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes, progress=progress)
 
 
 # -------------------------------------------------------------------------------------------- brats-back

@@ -421,14 +421,14 @@ def foreign_dataset(folder: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------------- writer
 
-def _progress(iterable, total: int, desc: str):
+def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm import tqdm
-    # disable=None: a bar on terminals only, so logs and tests stay clean
-    return tqdm(iterable, total=total, desc=desc, unit="case", disable=None, leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit="case", disable=not enabled, leave=False)
 
 
 def write_dataset(spec: DatasetSpec, dataset_id: int, name: Optional[str] = None, raw_dir: Optional[str] = None,
-                  overwrite: bool = False, num_processes: int = 1, verbose: bool = True) -> str:
+                  overwrite: bool = False, num_processes: int = 1, verbose: bool = True,
+                  progress: bool = False) -> str:
     """Validate and write ``spec`` as ``raw_dir/DatasetXXX_NAME`` atomically; returns that folder.
 
     Raises :class:`ConversionError` (one line, naming the file) on bad input; then nothing exists under the
@@ -461,10 +461,10 @@ def write_dataset(spec: DatasetSpec, dataset_id: int, name: Optional[str] = None
             # workers ignore Ctrl-C: the main process stops them (the pool's exit terminates them) before the
             # temporary folder is removed, so no worker writes into it afterwards
             with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs)), ignore_sigint) as pool:
-                for r in _progress(pool.imap_unordered(_convert_case_star, jobs), len(jobs), desc):
+                for r in _progress(pool.imap_unordered(_convert_case_star, jobs), len(jobs), desc, progress):
                     reports.append(r)
         else:
-            for job in _progress(jobs, len(jobs), desc):
+            for job in _progress(jobs, len(jobs), desc, progress):
                 reports.append(_convert_case(*job))
         _write_dataset_json(spec, tmp, name, dataset_id, reports)
     if verbose:

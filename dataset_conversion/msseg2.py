@@ -77,11 +77,12 @@ def discover_msseg2(source_dir: str, label: str = "consensus") -> DatasetSpec:
 
 
 def convert_msseg2(source_dir: str, dataset_id: int, name: Optional[str] = None, raw_dir: Optional[str] = None,
-                   overwrite: bool = False, num_processes: int = 1, label: str = "consensus") -> str:
+                   overwrite: bool = False, num_processes: int = 1, label: str = "consensus",
+                   progress: bool = False) -> str:
     """Convert MSSEG-II to ``raw_dir/DatasetXXX_<name or MSSEG2>``; returns that folder.
 
     ``label``: ``"consensus"`` (``ground_truth``) or ``"expertN"`` (``ground_truth_expertN``). Raises
     :class:`~nnunetv2_ohem.dataset_conversion.common.ConversionError` on bad input, leaving no output.
     """
     spec = discover_msseg2(source_dir, label)
-    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes)
+    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes, progress=progress)

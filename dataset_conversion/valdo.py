@@ -73,10 +73,11 @@ def discover_valdo(source_dir: str, rater: Optional[int] = None) -> DatasetSpec:
 
 
 def convert_valdo(source_dir: str, dataset_id: int, name: Optional[str] = None, raw_dir: Optional[str] = None,
-                  overwrite: bool = False, num_processes: int = 1, rater: Optional[int] = None) -> str:
+                  overwrite: bool = False, num_processes: int = 1, rater: Optional[int] = None,
+                  progress: bool = False) -> str:
     """Convert VALDO task 3 to ``raw_dir/DatasetXXX_<name or VALDO>``; returns that folder.
 
     ``rater``: pick ``Rater{rater}_Lacunes`` where a subject has several masks (default: the only one).
     """
     spec = discover_valdo(source_dir, rater)
-    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes)
+    return write_dataset(spec, dataset_id, name, raw_dir, overwrite, num_processes, progress=progress)

@@ -14,8 +14,11 @@ job. Torch-free and import-light so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import sys
+import textwrap
 from typing import Callable, Optional, Sequence
 
 EXIT_OK = 0
@@ -41,13 +44,49 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
+_HANDLER_PID: Optional[int] = None
+
+
 def _raise_terminated(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    if os.getpid() != _HANDLER_PID:
+        # a forked child inherited the handler (nnU-Net's fork Pools stop their workers with SIGTERM):
+        # die as by default, or the pool's shutdown waits forever for a worker that raised instead
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
-def install_sigterm_handler() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op outside it)."""
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm_in_child() -> None:
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # pragma: no cover - forked from another thread: _raise_terminated's pid check applies
+        pass
+    _unblock_sigterm()
+
+
+def install_sigterm_handler() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op outside it).
+
+    Forked children (multiprocessing's fork Pools, which stop their workers with SIGTERM) must die of it as by
+    default. SIGTERM is blocked across ``fork()`` and the child restores the default action before unblocking:
+    a SIGTERM that reached a worker while it was being forked would otherwise be lost (Python clears pending
+    signal flags in a new child) and the pool's shutdown would wait for that worker forever.
+    """
+    global _HANDLER_PID
+    try:
+        if _HANDLER_PID is None:
+            os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm,
+                                after_in_child=_default_sigterm_in_child)
+        _HANDLER_PID = os.getpid()
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         pass
@@ -95,10 +134,10 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# ------------------------------------------------------------------------------------------ shared options
+
 def positive_int(text: str) -> int:
     """argparse type for counts such as ``-np``: an integer >= 1 (0 and negatives are usage errors)."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -106,3 +145,52 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def show_progress(no_progress: bool, stream=None) -> bool:
+    """Progress bars are drawn on a terminal only (stderr a TTY) and never with ``--no_progress``."""
+    stream = sys.stderr if stream is None else stream
+    return not no_progress and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def add_deprecated_alias(parser, old: str, new: str) -> None:
+    """Keep a former spelling ``old`` of the option ``new`` working, hidden from ``--help``.
+
+    Using it prints one note on stderr and then acts exactly like ``new`` (same type, choices, nargs).
+    Not for required options: argparse would still ask for ``new``.
+    """
+    target = next((a for a in parser._actions if new in a.option_strings), None)
+    if target is None or target.required:
+        raise ValueError(f"{new}: no such optional option to alias as {old}")
+
+    class _Alias(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            print(f"{p.prog}: note: {option_string} is deprecated, use {new}", file=sys.stderr)
+            target(p, namespace, values, new)
+
+    parser.add_argument(old, action=_Alias, dest=target.dest, nargs=target.nargs, type=target.type,
+                        choices=target.choices, metavar=target.metavar, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The ``formatter_class`` of every ``nnunetv2_ohem_*`` parser: each option's default after its help
+    (unless the text states it, or there is none: a required option, an off switch, an empty list);
+    descriptions wrapped per paragraph, paragraphs of indented lines (examples) kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or action.required or d is None or d is False or d == argparse.SUPPRESS or d == []:
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for par in textwrap.dedent(text).strip("\n").split("\n\n"):
+            if all(line.startswith(" ") for line in par.splitlines() if line.strip()):
+                out.append("\n".join(indent + line for line in par.splitlines()))
+            else:
+                out.append(textwrap.fill(" ".join(par.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)

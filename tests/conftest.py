@@ -64,7 +64,8 @@ def tiny_dataset(nnunet_env) -> TinyDataset:
     from nnunetv2_ohem.plans.tiny import plan_and_preprocess_tiny
 
     raw = write_simple_lesion_dataset(nnunet_env["nnUNet_raw"], TINY_DATASET_ID, "Phantom", seed=0)
-    plans = plan_and_preprocess_tiny(TINY_DATASET_ID, configurations=("3d_fullres", "2d"), num_processes=1)
+    plans = plan_and_preprocess_tiny(TINY_DATASET_ID, configurations=("3d_fullres", "2d"), num_processes=1,
+                                     fast_fingerprint_if_missing=True)
     return TinyDataset(TINY_DATASET_ID, TINY_DATASET_NAME, raw, plans,
                        os.path.join(nnunet_env["nnUNet_preprocessed"], TINY_DATASET_NAME))
 

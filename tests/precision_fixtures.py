@@ -56,6 +56,6 @@ def build_region_dataset(nnunet_env: dict) -> RegionDataset:
 
     raw = write_region_dataset(nnunet_env["nnUNet_raw"])
     plans = plan_and_preprocess_btrseg(REGION_DATASET_ID, ("3d_fullres",), "nnUNetBTRSegTinyPlans", norm="group",
-                                       num_groups=4, tiny=True, num_processes=1)
+                                       num_groups=4, tiny=True, num_processes=1, fast_fingerprint_if_missing=True)
     return RegionDataset(REGION_DATASET_ID, REGION_DATASET_NAME, raw, plans,
                          os.path.join(nnunet_env["nnUNet_preprocessed"], REGION_DATASET_NAME))

@@ -34,7 +34,8 @@ def valdo_dataset(nnunet_env, tmp_path_factory) -> TinyDataset:
     source = write_valdo_phantoms(str(tmp_path_factory.mktemp("valdo") / "VALDO_Task3"), n_subjects=5, seed=0,
                                   config=VALDOPhantomConfig(voxel_size=3.0), n_unlabelled=1)
     raw = convert_valdo(source, VALDO_PHANTOM_ID, name="VALDOPhantom", raw_dir=nnunet_env["nnUNet_raw"])
-    plans = plan_and_preprocess_tiny(VALDO_PHANTOM_ID, configurations=("3d_fullres",), num_processes=1)
+    plans = plan_and_preprocess_tiny(VALDO_PHANTOM_ID, configurations=("3d_fullres",), num_processes=1,
+                                     fast_fingerprint_if_missing=True)
     name = os.path.basename(raw)
     return TinyDataset(VALDO_PHANTOM_ID, name, raw, plans, os.path.join(nnunet_env["nnUNet_preprocessed"], name))
 

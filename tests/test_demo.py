@@ -193,8 +193,8 @@ def _png_ok(path):
 
 # one method keeps the smoke run within the suite's time share (each method adds a training and a prediction
 # subprocess); the multi-method table is covered by the fixed-metrics tests above
-SMOKE = ["--cases", "3", "--test-cases", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
-         "--voxel-size", "4", "--dataset-id", "943", "--no-progress", "--methods", "nnUNetTrainerOHEMEMA"]
+SMOKE = ["--cases", "3", "--test_cases", "2", "--epochs", "1", "--iterations", "2", "--val_iterations", "1",
+         "--voxel_size", "4", "-d", "943", "--no_progress", "--methods", "nnUNetTrainerOHEMEMA"]
 
 
 @pytest.mark.slow

@@ -5,36 +5,46 @@ import argparse
 import sys
 from typing import List, Optional
 
+from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias, show_progress
 from nnunetv2_ohem.demo.pipeline import KNOWN_METHODS, STEP_ORDER, DemoConfig, DemoError, run_demo
 
 _D = DemoConfig()
+DESCRIPTION = ("The whole pipeline on MSSEG-II-like phantoms: phantoms, conversion, tiny plans, stock nnU-Net "
+               "training per method, prediction, metrics and report.html, all inside --out. Reruns reuse "
+               "finished steps; --fresh starts over.\n\n"
+               "nnunetv2_ohem_demo --study [--help] runs the study instead: the methods compared over several "
+               "training seeds at equal iterations and equal wall time.")
+#: former spellings, still accepted with a note on stderr
+DEPRECATED = {"--test-cases": "--test_cases", "--val-iterations": "--val_iterations", "--voxel-size": "--voxel_size",
+              "--lesion-volume": "--lesion_volume", "--dataset-id": "-d", "--no-progress": "--no_progress"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--out", default=_D.out, help="output folder (created; everything is written inside)")
     p.add_argument("--fresh", action="store_true", help="delete previous demo outputs in --out and start over")
     p.add_argument("--cases", type=int, default=_D.n_train, help="training phantoms")
-    p.add_argument("--test-cases", type=int, default=_D.n_test, help="held-out phantoms (predicted and scored)")
+    p.add_argument("--test_cases", type=int, default=_D.n_test, help="held-out phantoms (predicted and scored)")
     p.add_argument("--methods", nargs="+", default=list(_D.methods), choices=KNOWN_METHODS,
-                   help="trainers to compare, all with the same budget")
-    p.add_argument("--epochs", type=int, default=_D.epochs)
+                   metavar="TRAINER", help="trainers to compare, all with the same budget: %(choices)s")
+    p.add_argument("--epochs", type=int, default=_D.epochs, help="training epochs per method")
     p.add_argument("--iterations", type=int, default=_D.iterations, help="training iterations per epoch")
-    p.add_argument("--val-iterations", type=int, default=_D.val_iterations)
-    p.add_argument("--voxel-size", type=float, default=_D.voxel_size,
+    p.add_argument("--val_iterations", type=int, default=_D.val_iterations, help="validation iterations per epoch")
+    p.add_argument("--voxel_size", type=float, default=_D.voxel_size,
                    help="isotropic phantom voxel size in mm (1 = template resolution; larger trains faster)")
-    p.add_argument("--lesion-volume", type=float, nargs=2, default=list(_D.lesion_volume), metavar=("LO", "HI"),
+    p.add_argument("--lesion_volume", type=float, nargs=2, default=list(_D.lesion_volume), metavar=("LO", "HI"),
                    help="new-lesion volumes in mm³ (a few lesions up to 5*HI); 1 50 is MSSEG-II-like and much harder")
     p.add_argument("--seed", type=int, default=_D.seed, help="phantom seed")
-    p.add_argument("--dataset-id", type=int, default=_D.dataset_id)
+    p.add_argument("-d", "--dataset_id", type=int, default=_D.dataset_id, help="nnU-Net dataset id of the phantoms")
     p.add_argument("--features", type=int, nargs="+", default=list(_D.features), help="U-Net features per stage")
     p.add_argument("--patch", type=int, default=_D.patch, help="patch edge (voxels)")
-    p.add_argument("--batch", type=int, default=_D.batch)
+    p.add_argument("--batch", type=int, default=_D.batch, help="batch size")
     p.add_argument("--device", default=_D.device, choices=("auto", "cpu", "cuda", "mps"),
                    help="auto = cuda when available")
     p.add_argument("--until", choices=STEP_ORDER, default=None, help="stop after this step")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    for old, new in DEPRECATED.items():
+        add_deprecated_alias(p, old, new)
     return p
 
 
@@ -59,7 +69,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                          seed=args.seed, dataset_id=args.dataset_id, methods=tuple(args.methods),
                          epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                          features=tuple(args.features), patch=args.patch, batch=args.batch, device=args.device,
-                         fresh=args.fresh, until=args.until, progress=not args.no_progress)
+                         fresh=args.fresh, until=args.until, progress=show_progress(args.no_progress))
         result = run_demo(cfg)
     except (ValueError, DemoError, FileNotFoundError) as e:
         print(f"nnunetv2_ohem_demo: error: {e}", file=sys.stderr)

@@ -325,8 +325,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
     def plan():
         shutil.rmtree(os.path.join(paths.preprocessed, cfg.dataset_name), ignore_errors=True)
         cmd = [console_script("nnunetv2_ohem_plan"), "tiny", "-d", str(cfg.dataset_id), "-c", "3d_fullres",
-               "-pl", cfg.plans_identifier, "--features", *map(str, cfg.features), "--patch", str(cfg.patch),
-               "--batch", str(cfg.batch), "-np", "2"]
+               "-p", cfg.plans_identifier, "--features", *map(str, cfg.features), "--patch", str(cfg.patch),
+               "--batch", str(cfg.batch), "-np", "2", "--fast_fingerprint"]  # the demo owns this folder
         run_logged(cmd, env, os.path.join(paths.logs, "plan.log"), "plan")
         write_single_split(os.path.join(paths.dataset_raw, "labelsTr"),
                            os.path.join(paths.preprocessed, cfg.dataset_name, "splits_final.json"))

@@ -485,40 +485,55 @@ __all__ = ["StudyConfig", "run_study", "mean_ci", "equal_time_epochs", "parse_ep
 
 def build_parser():
     import argparse
+
+    from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias
+
     d = StudyConfig()
-    p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo --study", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo --study", formatter_class=HelpFormatter,
+                                description="The OHEM-EMA paper's comparison on MSSEG-II-like phantoms: every "
+                                            "method x training seed x budget (equal iterations, equal wall time) "
+                                            "trained with stock nnUNetv2_train, predicted and scored; results, "
+                                            "summary and plots written to --docs.")
     p.add_argument("--out", default=d.out, help="working folder (nnU-Net data, runs); not for committing")
     p.add_argument("--docs", default=d.docs, help="where results.csv, summary.md and study.png are written")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=KNOWN_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=KNOWN_METHODS,
+                   metavar="TRAINER", help="methods compared: %(choices)s")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds")
     p.add_argument("--budgets", nargs="+", default=list(d.budgets), choices=BUDGETS,
                    help="equal iterations and/or equal wall time")
-    p.add_argument("--reference", default=d.reference, choices=KNOWN_METHODS,
+    p.add_argument("--reference", default=d.reference, choices=KNOWN_METHODS, metavar="TRAINER",
                    help="method whose training time the equal-time budget gives every method")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--val-iterations", type=int, default=d.val_iterations)
-    p.add_argument("--cases", type=int, default=d.n_train)
-    p.add_argument("--test-cases", type=int, default=d.n_test)
-    p.add_argument("--voxel-size", type=float, default=d.voxel_size)
-    p.add_argument("--lesion-volume", type=float, nargs=2, default=list(d.lesion_volume), metavar=("LO", "HI"))
-    p.add_argument("--phantom-seed", type=int, default=d.phantom_seed)
-    p.add_argument("--dataset-id", type=int, default=d.dataset_id)
-    p.add_argument("--features", type=int, nargs="+", default=list(d.features))
-    p.add_argument("--patch", type=int, default=d.patch)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the equal-iterations budget")
+    p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations per epoch")
+    p.add_argument("--val_iterations", type=int, default=d.val_iterations, help="validation iterations per epoch")
+    p.add_argument("--cases", type=int, default=d.n_train, help="training phantoms")
+    p.add_argument("--test_cases", type=int, default=d.n_test, help="held-out phantoms (predicted and scored)")
+    p.add_argument("--voxel_size", type=float, default=d.voxel_size, help="isotropic phantom voxel size in mm")
+    p.add_argument("--lesion_volume", type=float, nargs=2, default=list(d.lesion_volume), metavar=("LO", "HI"),
+                   help="new-lesion volumes in mm³")
+    p.add_argument("--phantom_seed", type=int, default=d.phantom_seed, help="seed of the one phantom dataset")
+    p.add_argument("-d", "--dataset_id", type=int, default=d.dataset_id, help="nnU-Net dataset id of the phantoms")
+    p.add_argument("--features", type=int, nargs="+", default=list(d.features), help="U-Net features per stage")
+    p.add_argument("--patch", type=int, default=d.patch, help="patch edge (voxels)")
+    p.add_argument("--batch", type=int, default=d.batch, help="batch size")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto = cuda when available")
     p.add_argument("--jobs", type=int, default=d.jobs,
                    help="runs in parallel (on CPU each gets OMP_NUM_THREADS=1 unless set)")
     p.add_argument("--notes", default=None, help="text file inserted as the summary's 'Findings' section")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    for old, new in {"--val-iterations": "--val_iterations", "--test-cases": "--test_cases",
+                     "--voxel-size": "--voxel_size", "--lesion-volume": "--lesion_volume",
+                     "--phantom-seed": "--phantom_seed", "--dataset-id": "-d", "--no-progress": "--no_progress"}.items():
+        add_deprecated_alias(p, old, new)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     import shlex
     import sys
+
+    from nnunetv2_ohem.cli_common import show_progress
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
@@ -529,7 +544,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           lesion_volume=tuple(args.lesion_volume), phantom_seed=args.phantom_seed,
                           dataset_id=args.dataset_id, features=tuple(args.features), patch=args.patch,
                           batch=args.batch, device=args.device, jobs=args.jobs, notes=args.notes,
-                          progress=not args.no_progress,
+                          progress=show_progress(args.no_progress),
                           command="nnunetv2_ohem_demo --study " + " ".join(shlex.quote(a) for a in argv))
         result = run_study(cfg)
     except (ValueError, DemoError, FileNotFoundError) as e:

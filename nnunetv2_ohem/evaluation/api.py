@@ -79,11 +79,16 @@ def _case_job(args) -> Dict:
     return {"case": case, **evaluate_case(kind, ref_path, pred_path, **options)}
 
 
-def _map(fn: Callable, jobs: List, num_processes: int) -> List:
+def _map(fn: Callable, jobs: List, num_processes: int, progress: bool = False, desc: str = "cases") -> List:
+    from tqdm import tqdm
+
+    def bar(items):
+        return tqdm(items, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False)
+
     if num_processes <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in jobs]
+        return [fn(j) for j in bar(jobs)]
     with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as ex:
-        return list(ex.map(fn, jobs))
+        return list(bar(ex.map(fn, jobs)))
 
 
 def _stats(df: pd.DataFrame) -> Dict[str, Dict[str, Optional[float]]]:
@@ -113,21 +118,23 @@ def json_safe(obj):
     return obj
 
 
-def evaluate_folders(kind: str, ref_dir: str, pred_dir: str, num_processes: int = 1,
+def evaluate_folders(kind: str, ref_dir: str, pred_dir: str, num_processes: int = 1, progress: bool = False,
                      **options) -> Tuple[pd.DataFrame, Dict]:
-    """Evaluate every reference case against the prediction of the same name (see module docstring)."""
+    """Evaluate every reference case against the prediction of the same name (see module docstring);
+    ``progress``: a tqdm bar per case on stderr."""
     metric, _ = _split_options(kind, options)
     pairs = match_cases(ref_dir, pred_dir)
     options = dict(options)
     needs_scan = (kind == "brats" and brats.normalise_year(metric["year"]) == "auto") or \
                  (kind == "segmentation" and metric["num_classes"] is None)
     if needs_scan:  # one decision for the whole folder, so every case uses the same convention / classes
-        labels = _map(_unique_labels, [p for _, r, q in pairs for p in (r, q)], num_processes)
+        labels = _map(_unique_labels, [p for _, r, q in pairs for p in (r, q)], num_processes, progress,
+                      "scanning labels")
         if kind == "brats":
             options["year"] = brats.detect_convention(labels)
         else:
             options["num_classes"] = max(max(s) for s in labels) + 1
-    rows = _map(_case_job, [(c, kind, r, p, options) for c, r, p in pairs], num_processes)
+    rows = _map(_case_job, [(c, kind, r, p, options) for c, r, p in pairs], num_processes, progress, kind)
     df = pd.DataFrame(rows)
     agg: Dict = {"kind": kind, "n_cases": int(len(df)),
                  "options": json_safe({**_split_options(kind, options)[0],

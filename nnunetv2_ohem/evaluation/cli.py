@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from nnunetv2_ohem.cli_common import positive_int
+from nnunetv2_ohem.cli_common import HelpFormatter, UserError, positive_int, run_cli, show_progress
 
 KIND_HELP = {
     "msseg2": "MSSEG-II: Dice, lesion-wise F1 (animaSegPerfAnalyzer rule), FP lesions/volume on lesion-free cases",
@@ -29,23 +29,26 @@ TABLE_COLUMNS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunetv2_ohem_evaluate", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="nnunetv2_ohem_evaluate",
+                                     description=__doc__.split("\n\n")[1].replace("``", ""),
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     for kind, help_ in KIND_HELP.items():
-        p = sub.add_parser(kind, help=help_, description=help_)
+        p = sub.add_parser(kind, help=help_, description=help_ + ".", formatter_class=HelpFormatter)
         p.add_argument("-ref", required=True, help="folder of reference label files (e.g. labelsTs)")
         p.add_argument("-pred", required=True, help="folder of predictions named like the references")
         p.add_argument("-o", "--output", default=None, help="metrics JSON (aggregate + per-case rows)")
         p.add_argument("--csv", default=None, help="per-case CSV")
         p.add_argument("-np", "--num_processes", type=positive_int, default=1, help="cases evaluated in parallel")
+        p.add_argument("--no_progress", action="store_true",
+                       help="no progress bar (also off when stderr is not a terminal)")
         p.add_argument("--origin_tol", type=float, default=1e-3, help="origin tolerance in mm (default 1e-3)")
-        p.add_argument("--spacing_tol", type=float, default=1e-4, help="relative spacing tolerance (1e-4)")
+        p.add_argument("--spacing_tol", type=float, default=1e-4, help="relative spacing tolerance")
         if kind == "msseg2":
             p.add_argument("--alpha", type=float, default=0.10, help="min. lesion sensitivity (default 0.10)")
             p.add_argument("--beta", type=float, default=0.70, help="max. outside ratio (default 0.70)")
             p.add_argument("--gamma", type=float, default=0.65, help="overlap share checked (default 0.65)")
-            p.add_argument("--min_volume_mm3", type=float, default=3.0, help="lesions must be larger (3 mm³)")
+            p.add_argument("--min_volume_mm3", type=float, default=3.0, help="lesions must be larger than this, in mm³")
             p.add_argument("--connectivity", type=int, default=6, help="6, 18 or 26 (default 6, as Anima)")
             p.add_argument("--anima_loop_bound", action="store_true",
                            help="reproduce the C++ loop bound of animaSegPerfAnalyzer (see docs)")
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    skip = {"kind", "ref", "pred", "output", "csv", "num_processes"}
+    skip = {"kind", "ref", "pred", "output", "csv", "num_processes", "no_progress"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -114,16 +117,21 @@ def _fmt(v) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Console script: :func:`evaluate_main` under the shared exit-code and interruption convention."""
+    return run_cli("nnunetv2_ohem_evaluate", evaluate_main, argv)
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from nnunetv2_ohem.evaluation.api import evaluate_folders, json_safe
     from nnunetv2_ohem.evaluation.io import write_csv_atomic, write_json_atomic
     from nnunetv2_ohem.evaluation.lesions import EvaluationError
 
     try:
-        df, agg = evaluate_folders(args.kind, args.ref, args.pred, args.num_processes, **_options(args))
-    except EvaluationError as e:
-        print(f"nnunetv2_ohem_evaluate {args.kind}: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        df, agg = evaluate_folders(args.kind, args.ref, args.pred, args.num_processes,
+                                   progress=show_progress(args.no_progress), **_options(args))
+    except EvaluationError as e:  # imported only after parsing (cc3d): --help stays fast
+        raise UserError(str(e)) from None
     print(format_table(df, agg, args.kind))
     if args.output:
         write_json_atomic({"aggregate": agg, "cases": json_safe(df.to_dict(orient="records"))}, args.output)

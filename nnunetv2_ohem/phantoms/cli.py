@@ -1,10 +1,10 @@
 """``nnunetv2_ohem_phantoms``: write MNI152-based phantoms in a challenge's own folder layout, ready for
 ``nnunetv2_ohem_convert``.
 
-    nnunetv2_ohem_phantoms msseg2 /data/msseg2_phantoms -n 20 --extra 5 --voxel-size 2
+    nnunetv2_ohem_phantoms msseg2 /data/msseg2_phantoms -n 20 --extra 5 --voxel_size 2
     nnunetv2_ohem_phantoms valdo  /data/valdo_phantoms  -n 20 --set n_lacunes=3,15 --set voxel_size=1.5
     nnunetv2_ohem_phantoms brats  /data/brats_phantoms  -n 20 --year 2023
-    nnunetv2_ohem_phantoms valdo  --show-config          # every --set field with its default
+    nnunetv2_ohem_phantoms valdo  --show_config          # every --set field with its default
 
 ``--set FIELD=VALUE`` overrides any field of the generator's config dataclass (ranges as ``LO,HI``); unknown
 fields and bad values are errors that name the field.
@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias, positive_int, show_progress
 from nnunetv2_ohem.atomic import OutputExistsError
 
 #: kind -> (module, config class, writer, keyword of the writer's extra split, what the extra cases are)
@@ -67,16 +68,18 @@ def config_from_overrides(config_cls: type, overrides: Sequence[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnunetv2_ohem_phantoms", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("kind", choices=sorted(GENERATORS))
+    p = argparse.ArgumentParser(prog="nnunetv2_ohem_phantoms", formatter_class=HelpFormatter,
+                                description="Write MNI152-based phantoms in a challenge's own folder layout, "
+                                            "ready for nnunetv2_ohem_convert.",
+                                epilog=__doc__.split("\n\n", 1)[1].replace("``", ""))
+    p.add_argument("kind", choices=sorted(GENERATORS), help="the challenge layout: %(choices)s")
     p.add_argument("out", nargs="?", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("-n", "--subjects", type=int, default=10, help="labelled training subjects (default 10)")
+    p.add_argument("-n", "--subjects", type=positive_int, default=10, help="labelled training subjects")
     p.add_argument("--extra", type=int, default=0,
                    help="extra cases: msseg2 held-out testing/ subjects with ground truth; valdo subjects "
-                        "without a rater mask; brats validation cases without seg (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="same seed and options give the same bytes (default 0)")
-    p.add_argument("--voxel-size", type=float, default=None, help="isotropic voxel size in mm (shortcut for "
+                        "without a rater mask; brats validation cases without seg")
+    p.add_argument("--seed", type=int, default=0, help="same seed and options give the same bytes")
+    p.add_argument("--voxel_size", type=float, default=None, help="isotropic voxel size in mm (shortcut for "
                                                                     "--set voxel_size=V; larger is faster)")
     p.add_argument("--year", type=int, choices=(2020, 2021, 2023), default=None,
                    help="brats only: the release whose names and label values to write (default 2021)")
@@ -84,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a generator config field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom set (a folder with a "
                                                              "phantom_manifest.json of these generators)")
-    p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--show_config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (also off when stderr is not a "
+                                                              "terminal)")
+    for old, new in (("--voxel-size", "--voxel_size"), ("--show-config", "--show_config"),
+                     ("--no-progress", "--no_progress")):
+        add_deprecated_alias(p, old, new)
     return p
 
 
@@ -111,7 +118,7 @@ def phantoms_main(argv: Optional[List[str]] = None) -> int:
         if args.year is not None and args.kind != "brats":
             raise ValueError("--year applies to brats phantoms only")
         kwargs = {"n_subjects": args.subjects, "seed": args.seed, "config": config, "overwrite": args.overwrite,
-                  "progress": not args.no_progress, extra_kw: args.extra}
+                  "progress": show_progress(args.no_progress), extra_kw: args.extra}
         if args.kind == "brats":
             kwargs["year"] = args.year or 2021
         out = getattr(module, writer_name)(args.out, **kwargs)

@@ -22,10 +22,8 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_ohem.plans.tiny import TinyPlanner
+from nnunetv2_ohem.plans.common import BTRSEG_PLANS_IDENTIFIER, PRECISION_MEMORY_FACTOR  # noqa: F401 (re-exported)
 from nnunetv2_ohem.preprocessing.btrseg import BTRSEG_SCHEME
-
-BTRSEG_PLANS_IDENTIFIER = "nnUNetBTRSegPlans"
-PRECISION_MEMORY_FACTOR = {"fp16": 1.0, "bf16": 1.0, "fp32": 0.5}
 
 
 def batch_size_for_memory(reference: float, estimate: float, reference_batch_size: int, precision: str,
@@ -121,7 +119,7 @@ class BTRSegTinyPlanner(_BTRSegPlansMixin, TinyPlanner):
 
 
 def preprocess_with_extensions(dataset_id: int, plans_identifier: str, configurations: Sequence[str],
-                               num_processes: int = 2, verbose: bool = False) -> None:
+                               num_processes: int = 2, verbose: bool = False, show_progress_bar: bool = False) -> None:
     """nnU-Net's ``preprocess_dataset`` with :class:`ExtendedPreprocessor` (knows our schemes)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
@@ -132,7 +130,7 @@ def preprocess_with_extensions(dataset_id: int, plans_identifier: str, configura
 
     for c in configurations:
         preprocessor = ExtendedPreprocessor(verbose=verbose)
-        preprocessor.show_progress_bar = False
+        preprocessor.show_progress_bar = show_progress_bar
         preprocessor.run(dataset_id, c, plans_identifier, num_processes=num_processes)
     # like nnU-Net: ground truth next to the preprocessed data, for the final validation
     name = convert_id_to_dataset_name(dataset_id)
@@ -148,16 +146,28 @@ def plan_and_preprocess_btrseg(dataset_id: int, configurations: Sequence[str] = 
                                norm: Optional[str] = "group", num_groups: int = 8, patch_edge: int = 128,
                                batch_size: Optional[int] = None, gpu_memory_gb: float = 8, tiny: bool = False,
                                tiny_features: Tuple[int, ...] = (4, 8, 16), num_processes: int = 2,
-                               verbose: bool = False) -> str:
-    """Fingerprint, write BTRSeg plans and preprocess ``dataset_id``; returns the plans identifier."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+                               verbose: bool = False, fast_fingerprint_if_missing: bool = False,
+                               show_progress_bar: bool = False) -> str:
+    """Fingerprint, write BTRSeg plans and preprocess ``dataset_id``; returns the plans identifier.
 
-    from nnunetv2_ohem.plans.tiny import FastFingerprintExtractor
+    Full plans use nnU-Net's own fingerprint (reused when it exists, as ``nnUNetv2_plan_and_preprocess`` does);
+    ``tiny`` plans the fast one kept in memory (see :mod:`nnunetv2_ohem.plans.common`)."""
+    from nnunetv2_ohem.plans.common import (check_configurations, checked_dataset_name, fingerprint_for_planning,
+                                            verify_raw_dataset)
 
-    extract_fingerprint_dataset(dataset_id, FastFingerprintExtractor if tiny else DatasetFingerprintExtractor,
-                                num_processes=num_processes, check_dataset_integrity=True, clean=tiny,
-                                verbose=verbose, show_progress_bar=False)
+    fingerprint = None
+    if tiny:
+        fingerprint = fingerprint_for_planning(dataset_id, num_processes, fast_fingerprint_if_missing,
+                                               show_progress_bar, verbose)
+    else:
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import \
+            DatasetFingerprintExtractor
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+
+        verify_raw_dataset(checked_dataset_name(dataset_id), num_processes)
+        extract_fingerprint_dataset(dataset_id, DatasetFingerprintExtractor, num_processes=num_processes,
+                                    check_dataset_integrity=False, clean=False, verbose=verbose,
+                                    show_progress_bar=show_progress_bar)
     if tiny:
         planner = BTRSegTinyPlanner(dataset_id, plans_name=plans_identifier, norm=norm, num_groups=num_groups,
                                     features_per_stage=tiny_features, patch_edge=min(patch_edge, 32),
@@ -166,34 +176,22 @@ def plan_and_preprocess_btrseg(dataset_id: int, configurations: Sequence[str] = 
         planner = BTRSegPlanner(dataset_id, plans_name=plans_identifier, precision=precision, norm=norm,
                                 num_groups=num_groups, patch_edge=patch_edge, batch_size=batch_size,
                                 gpu_memory_target_in_gb=gpu_memory_gb)
-    planner.plan_experiment()
-    preprocess_with_extensions(dataset_id, plans_identifier, configurations, num_processes, verbose)
+    if fingerprint is not None:
+        planner.dataset_fingerprint = fingerprint
+    check_configurations(planner.plan_experiment(), configurations)
+    preprocess_with_extensions(dataset_id, plans_identifier, configurations, num_processes, verbose,
+                               show_progress_bar)
     return plans_identifier
-
-
-def add_btrseg_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--dataset_id", type=int, required=True)
-    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
-    p.add_argument("-pl", "--plans_identifier", default=BTRSEG_PLANS_IDENTIFIER)
-    p.add_argument("--precision", choices=sorted(PRECISION_MEMORY_FACTOR), default="fp16",
-                   help="precision the batch size is sized for (fp32 halves the activation budget)")
-    p.add_argument("--norm", choices=["group", "batch", "instance"], default="group",
-                   help="norm_op written into the plans (trainers with an explicit norm override it)")
-    p.add_argument("--num_groups", type=int, default=8, help="GroupNorm groups (largest divisor of C <= this)")
-    p.add_argument("--patch", type=int, default=128, help="patch edge (capped at the median image size)")
-    p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: from memory budget)")
-    p.add_argument("-gpu_memory_target", type=float, default=8, help="GPU memory budget in GB (nnU-Net's)")
-    p.add_argument("--tiny", action="store_true", help="tiny network and 32³ patch (tests, CPU smoke runs)")
-    p.add_argument("-np", "--num_processes", type=int, default=2)
 
 
 def run_btrseg(args: argparse.Namespace) -> None:
     """BTRSeg plans (seed normalisation, 128³ patch, GroupNorm, precision-aware batch) + preprocessing."""
-    ident = plan_and_preprocess_btrseg(args.dataset_id, args.configurations, args.plans_identifier,
+    from nnunetv2_ohem.cli_common import show_progress
+
+    ident = plan_and_preprocess_btrseg(args.dataset_id, args.configurations, args.plans_name,
                                        args.precision, args.norm, args.num_groups, args.patch, args.batch,
-                                       args.gpu_memory_target, args.tiny, num_processes=args.num_processes)
+                                       args.gpu_memory_target, args.tiny, num_processes=args.num_processes,
+                                       fast_fingerprint_if_missing=args.fast_fingerprint,
+                                       show_progress_bar=show_progress(args.no_progress))
     print(f"Wrote and preprocessed plans '{ident}'. Train with: nnUNetv2_train {args.dataset_id} "
           f"{args.configurations[0]} 0 -p {ident} -tr nnUNetTrainerBTRSeg")
-
-
-run_btrseg.add_arguments = add_btrseg_arguments

@@ -20,9 +20,8 @@ from typing import Sequence, Union
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, paper_arch_kwargs
-from nnunetv2_ohem.plans.tiny import FastFingerprintExtractor
-
-PAPER_PLANS_IDENTIFIER = "nnUNetPaperPlans"
+from nnunetv2_ohem.plans.cli import add_paper_arguments  # noqa: F401 (the subcommand's options, for tests)
+from nnunetv2_ohem.plans.common import PAPER_PLANS_IDENTIFIER
 
 
 class PaperPlanner(ExperimentPlanner):
@@ -73,36 +72,33 @@ class PaperPlanner(ExperimentPlanner):
 
 def plan_and_preprocess_paper(dataset_id: int, plans_identifier: str = PAPER_PLANS_IDENTIFIER,
                               num_processes: int = 2, spacing_mm: float = 0.5, patch_edge: int = 32,
-                              batch_size: int = 32, verbose: bool = False) -> str:
-    """Fingerprint (fast), write the paper plans and preprocess ``3d_fullres`` through nnU-Net's API."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      preprocess_dataset)
+                              batch_size: int = 32, verbose: bool = False, fast_fingerprint_if_missing: bool = False,
+                              show_progress_bar: bool = False) -> str:
+    """Fingerprint (fast, in memory; see :mod:`nnunetv2_ohem.plans.common`), write the paper plans and
+    preprocess ``3d_fullres`` through nnU-Net's API."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
-    extract_fingerprint_dataset(dataset_id, FastFingerprintExtractor, num_processes=num_processes,
-                                check_dataset_integrity=True, clean=True, verbose=verbose,
-                                show_progress_bar=False)
-    PaperPlanner(dataset_id, plans_name=plans_identifier, spacing_mm=spacing_mm, patch_edge=patch_edge,
-                 batch_size=batch_size).plan_experiment()
+    from nnunetv2_ohem.plans.common import fingerprint_for_planning
+
+    fingerprint = fingerprint_for_planning(dataset_id, num_processes, fast_fingerprint_if_missing,
+                                           show_progress_bar, verbose)
+    planner = PaperPlanner(dataset_id, plans_name=plans_identifier, spacing_mm=spacing_mm, patch_edge=patch_edge,
+                           batch_size=batch_size)
+    planner.dataset_fingerprint = fingerprint
+    planner.plan_experiment()
     preprocess_dataset(dataset_id, plans_identifier, configurations=("3d_fullres",),
-                       num_processes=[num_processes], verbose=verbose, show_progress_bar=False)
+                       num_processes=[num_processes], verbose=verbose, show_progress_bar=show_progress_bar)
     return plans_identifier
-
-
-def add_paper_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--dataset_id", type=int, required=True)
-    p.add_argument("-pl", "--plans_identifier", default=PAPER_PLANS_IDENTIFIER)
-    p.add_argument("--spacing", type=float, default=0.5, help="isotropic target spacing in mm (paper: 0.5)")
-    p.add_argument("--patch", type=int, default=32, help="patch edge in voxels (paper: 32)")
-    p.add_argument("--batch", type=int, default=32, help="trained batch size B (paper: 32; B̄ = 4·B)")
-    p.add_argument("-np", "--num_processes", type=int, default=2)
 
 
 def run_paper(args: argparse.Namespace) -> None:
     """Seed plans of the OHEM-EMA paper (0.5 mm, per-image z-norm, 32³ patch, batch 32, paper U-Net)."""
-    ident = plan_and_preprocess_paper(args.dataset_id, args.plans_identifier, args.num_processes, args.spacing,
-                                      args.patch, args.batch)
+    from nnunetv2_ohem.cli_common import show_progress
+    from nnunetv2_ohem.plans.cli import check_patch
+
+    check_patch(args.patch, 3)
+    ident = plan_and_preprocess_paper(args.dataset_id, args.plans_name, args.num_processes, args.spacing,
+                                      args.patch, args.batch, fast_fingerprint_if_missing=args.fast_fingerprint,
+                                      show_progress_bar=show_progress(args.no_progress))
     print(f"Wrote and preprocessed plans '{ident}'. Train with: nnUNetv2_train {args.dataset_id} 3d_fullres 0 "
           f"-tr nnUNetTrainerOHEMEMA_Paper -p {ident}; predict with -step_size 0.75 (stride 24)")
-
-
-run_paper.add_arguments = add_paper_arguments
