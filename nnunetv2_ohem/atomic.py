@@ -244,16 +244,21 @@ class AtomicFolder:
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a fresh temporary file name next to ``path`` (same ending, so writers that choose the format by
     extension work); after the block it replaces ``path``, on any exception it is removed. The file exists
-    (empty, ``0o666 & ~umask``) when the block starts; writers may overwrite it by name."""
+    (empty, ``0o666 & ~umask``) when the block starts; writers may overwrite it by name. Missing parent folders
+    are made; a location that cannot be written raises :class:`OutputError` (one line)."""
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
-    while True:
-        tmp = os.path.join(folder, f"{_TMP_TAG}{secrets.token_hex(4)}-{name}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            tmp = os.path.join(folder, f"{_TMP_TAG}{secrets.token_hex(4)}-{name}")
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise OutputError(f"{path}: cannot create the output ({e.strerror or e}: {e.filename or folder})") from None
     try:
         yield tmp
         with signals_blocked():

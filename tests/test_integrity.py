@@ -347,6 +347,8 @@ def test_unwritable_output_location_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(raw / "Dataset987_MSSEG2") in err[0] and "cannot create the output" in err[0]
     assert sorted(os.listdir(tmp_path)) == ["afile", "src"]
+    with pytest.raises(atomic.OutputError, match="afile/m.json: cannot create the output"):
+        atomic.write_text_atomic(str(tmp_path / "afile" / "m.json"), "{}")
 
 
 # ----------------------------------------------------------------------------------------- overwrite

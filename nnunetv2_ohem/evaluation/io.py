@@ -112,12 +112,10 @@ def require_labels(mask: Mask, allowed: Sequence[int], what: str) -> np.ndarray:
 
 
 def write_json_atomic(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
 
 
 def write_csv_atomic(df, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_file(path, newline="") as f:
         df.to_csv(f, index=False)
