@@ -25,7 +25,7 @@ def test_overrides_parse_to_the_field_types():
     ("voxel_size", "expected FIELD=VALUE"),
 ])
 def test_bad_overrides_are_errors_naming_the_field(override, message, capsys, tmp_path):
-    assert main(["msseg2", str(tmp_path / "out"), "--set", override, "--no-progress"]) == 1
+    assert main(["msseg2", str(tmp_path / "out"), "--set", override, "--no-progress"]) == 2  # usage
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -37,7 +37,7 @@ def test_show_config_prints_the_resolved_config(capsys):
 
 
 def test_year_only_for_brats(capsys, tmp_path):
-    assert main(["msseg2", str(tmp_path / "o"), "--year", "2023"]) == 1
+    assert main(["msseg2", str(tmp_path / "o"), "--year", "2023"]) == 2  # usage
     assert "--year applies to brats" in capsys.readouterr().err
 
 

@@ -214,7 +214,7 @@ def test_config_and_cli_validation(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--study", "--methods", "nnUNetTrainerFoo"])
     assert "nnunetv2_ohem_demo --study" in capsys.readouterr().err
-    assert cli.main(["--study", "--jobs", "0"]) == 1
+    assert cli.main(["--study", "--jobs", "0"]) == 2  # usage (docs/cli.md)
     assert "jobs must be >= 1" in capsys.readouterr().err
 
 

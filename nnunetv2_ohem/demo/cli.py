@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias, show_progress
+from nnunetv2_ohem.cli_common import EXIT_BAD_DATA, EXIT_USAGE, HelpFormatter, add_deprecated_alias, show_progress
 from nnunetv2_ohem.demo.pipeline import KNOWN_METHODS, STEP_ORDER, DemoConfig, DemoError, run_demo
 
 _D = DemoConfig()
@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def demo_main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--study" in argv:  # the study (issue 10 §3) has its own options: nnunetv2_ohem_demo --study --help
+    if "--study" in argv:  # the study has its own options: nnunetv2_ohem_demo --study --help
         from nnunetv2_ohem.demo.study import main as study_main
         return study_main([a for a in argv if a != "--study"])
     args = build_parser().parse_args(argv)
@@ -70,10 +70,14 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                          epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                          features=tuple(args.features), patch=args.patch, batch=args.batch, device=args.device,
                          fresh=args.fresh, until=args.until, progress=show_progress(args.no_progress))
+    except ValueError as e:  # an option value out of range: a usage error
+        print(f"nnunetv2_ohem_demo: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         result = run_demo(cfg)
     except (ValueError, DemoError, FileNotFoundError) as e:
         print(f"nnunetv2_ohem_demo: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_DATA
     ran = [k for k, v in result["steps"].items() if v["status"] == "ran"]
     reused = [k for k, v in result["steps"].items() if v["status"] == "reused"]
     print(f"Finished in {result['seconds']:.0f} s ({len(ran)} steps ran, {len(reused)} reused).")

@@ -533,7 +533,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import shlex
     import sys
 
-    from nnunetv2_ohem.cli_common import show_progress
+    from nnunetv2_ohem.cli_common import EXIT_BAD_DATA, EXIT_USAGE, show_progress
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
@@ -546,9 +546,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                           batch=args.batch, device=args.device, jobs=args.jobs, notes=args.notes,
                           progress=show_progress(args.no_progress),
                           command="nnunetv2_ohem_demo --study " + " ".join(shlex.quote(a) for a in argv))
+    except ValueError as e:  # an option value out of range: a usage error
+        print(f"nnunetv2_ohem_demo --study: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         result = run_study(cfg)
     except (ValueError, DemoError, FileNotFoundError) as e:
         print(f"nnunetv2_ohem_demo --study: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_DATA
     print(f"Study finished in {result['seconds'] / 60:.1f} min; results in {result['docs']}")
     return 0

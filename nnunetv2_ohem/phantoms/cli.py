@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias, positive_int, show_progress
+from nnunetv2_ohem.cli_common import EXIT_USAGE, HelpFormatter, add_deprecated_alias, positive_int, show_progress
 from nnunetv2_ohem.atomic import OutputExistsError
 
 #: kind -> (module, config class, writer, keyword of the writer's extra split, what the extra cases are)
@@ -127,9 +127,9 @@ def phantoms_main(argv: Optional[List[str]] = None) -> int:
     except FileExistsError:
         print(f"nnunetv2_ohem_phantoms: error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except ValueError as e:  # a bad option value (--set, --year): a usage error
         print(f"nnunetv2_ohem_phantoms: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     print(f"Wrote {args.subjects} + {args.extra} {args.kind} phantom subjects to {out} "
           f"(manifest: {out}/phantom_manifest.json). Next: nnunetv2_ohem_convert {args.kind} {out} -d <ID>")
     return 0
