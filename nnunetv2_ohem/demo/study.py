@@ -20,6 +20,8 @@ Design:
 * each run has its own ``nnUNet_results`` folder, so seeds of the same trainer never collide; a finished run
   (``result.json`` with the same settings) is reused on a rerun.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
@@ -32,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pandas as pd
 
 from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
 from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, Paths, console_script,
@@ -169,6 +170,8 @@ def parse_epoch_times(log_text: str) -> List[float]:
 def summarize(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """One row per budget × method: seeds, epochs, mean training seconds and, per summary metric, the mean with
     its t-interval over seeds (:func:`mean_ci`)."""
+    import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
+
     need = {"budget", "method", "seed", "epochs", "train_seconds", *[m for m, _ in SUMMARY_METRICS]}
     missing = need - set(results.columns)
     if missing:
@@ -207,6 +210,8 @@ def paired_differences(results: pd.DataFrame, reference: str, metric: str = "les
                        level: float = 0.95) -> pd.DataFrame:
     """Per budget and method, the seed-paired difference ``metric(method, seed) − metric(reference, seed)``
     with its t-interval (seeds share data, so pairing removes the seed's own effect)."""
+    import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
+
     rows = []
     for budget, g in results.groupby("budget", sort=False):
         ref = g[g["method"] == reference].set_index("seed")[metric]
@@ -290,6 +295,8 @@ def _epoch_times(cfg: StudyConfig, budget: str, method: str, seed: int) -> List[
 
 def run_study(cfg: StudyConfig) -> Dict:
     """Run (or resume) the study and write ``results.csv``, ``summary.md`` and plots into ``cfg.docs``."""
+    import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
+
     from tqdm import tqdm
     t0 = time.time()
     demo_cfg = cfg.demo_config()
@@ -436,6 +443,8 @@ def machine_description(device: str) -> str:
 
 def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str,
                date: Optional[str] = None) -> None:
+    import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
+
     os.makedirs(cfg.docs, exist_ok=True)
     write_text_atomic(os.path.join(cfg.docs, "results.csv"), results.to_csv(index=False, float_format="%.4g"))
     # the summary is computed from the csv as written, so the table matches it exactly
