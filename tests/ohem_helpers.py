@@ -19,3 +19,12 @@ def train_step_capturing_subbatch(trainer, batch: dict, monkeypatch) -> Tuple[di
     result = trainer.train_step(batch)
     monkeypatch.setattr(nnUNetTrainer, "train_step", parent)
     return result, seen["batch"]
+
+
+def always_mining(cls, **attrs):
+    """``cls`` with the mining schedule switched off (every step mines, all B trained patches are the hardest)
+    and scoring in the training precision (fp32 on CPU, so errors compare with fp32 references), for tests
+    that check one mining step right after start-up."""
+    settings = {"ohem_warmup_fraction": 0.0, "ohem_end_fraction": 1.0, "ohem_hard_fraction": 1.0,
+                "ohem_score_dtype": None, **attrs}
+    return type(cls.__name__ + "_AlwaysMining", (cls,), settings)

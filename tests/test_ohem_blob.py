@@ -17,7 +17,7 @@ from nnunetv2_ohem.losses.blob import blob_loss, per_sample_blob_error
 from nnunetv2_ohem.mining import per_sample_error, unwrap_model
 from nnunetv2_ohem.training import ohem_blob
 from nnunetv2_ohem.training.ohem_blob import blob_ranking_error
-from ohem_helpers import train_step_capturing_subbatch
+from ohem_helpers import always_mining, train_step_capturing_subbatch
 
 
 def loop_blob_error(logits, instances, activation, weight_dice=1.0, weight_bce=1.0, smooth=1e-5):
@@ -99,7 +99,7 @@ def make_trainer(ds, cls):
 @pytest.fixture(scope="module")
 def trainer(tiny_dataset):
     torch.manual_seed(0)
-    return make_trainer(tiny_dataset, ohem_blob.nnUNetTrainerOHEMEMA_BlobLoss_Debug)
+    return make_trainer(tiny_dataset, always_mining(ohem_blob.nnUNetTrainerOHEMEMA_BlobLoss_Debug))
 
 
 def nnunet_dc_ce(trainer):

@@ -16,12 +16,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_ohem.mining.selection import select_top_b
 from nnunetv2_ohem.training import ohem
-from ohem_helpers import train_step_capturing_subbatch
+from ohem_helpers import always_mining, train_step_capturing_subbatch
 
 
-class CropsRecall_Debug(ohem.nnUNetTrainerOHEMEMA_Debug):
-    ohem_candidates = "crops"
-    ohem_measure_recall = True
+CropsRecall_Debug = always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_candidates="crops", ohem_measure_recall=True)
 
 
 def _trainer(ds, cls):
@@ -164,3 +162,11 @@ def test_winner_augmenter_worker_pool_returns_the_in_process_result(crops_traine
     assert pool._pool is None
     assert torch.equal(local["data"], remote["data"]) and torch.equal(local["target"], remote["target"])
     assert local["data"].shape[2:] == tuple(int(b[1] - b[0]) for b in boxes[0])
+
+
+def test_auto_score_dtype_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    assert ohem.resolve_score_dtype("auto", "cuda") is None and ohem.resolve_score_dtype("fp16", "cuda") == "fp16"
+    for native in (True, False):
+        monkeypatch.setattr(ohem, "native_cpu_bf16", lambda: native)
+        assert ohem.resolve_score_dtype("auto", "cpu") == ("bf16" if native else None)
+        assert ohem.resolve_score_dtype(None, "cpu") is None

@@ -15,14 +15,13 @@ from nnunetv2_ohem.mining import unwrap_model
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet, paper_arch_kwargs
 from nnunetv2_ohem.networks.norms import GroupNorm
 from nnunetv2_ohem.training import ohem
-from ohem_helpers import train_step_capturing_subbatch
+from ohem_helpers import always_mining, train_step_capturing_subbatch
 
 PAPER_DATASET_ID = 901
 
 
-class OHEMEMAAugmented_Debug(ohem.nnUNetTrainerOHEMEMA_Debug):
-    """Candidates = B̄ nnU-Net-augmented patches: the trained batch is a sub-batch of the candidate batch."""
-    ohem_candidates = "augmented"
+# candidates = B̄ nnU-Net-augmented patches: the trained batch is a sub-batch of the candidate batch
+OHEMEMAAugmented_Debug = always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_candidates="augmented")
 
 
 def make_trainer(ds, cls, configuration="3d_fullres", dataset_json=None, start=True):
@@ -190,7 +189,7 @@ def test_checkpoint_roundtrip_restores_miner_and_online_exactly(tiny_dataset, tr
 
 
 def test_ohem_mu_zero_miner_equals_online_after_step(tiny_dataset, monkeypatch):
-    tr = make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEM_Debug, configuration="2d")
+    tr = make_trainer(tiny_dataset, always_mining(ohem.nnUNetTrainerOHEM_Debug), configuration="2d")
     batch, trained, miner_before, _, ref = one_checked_step(tr, monkeypatch)
     assert_trained_on_top_b_and_ema(tr, batch, trained, miner_before, ref)
     for k, v in tr.miner.state_dict().items():
@@ -203,7 +202,8 @@ def test_regions_2d_ce_ranking(tiny_dataset, monkeypatch):
     # nested regions like BraTS' WT ⊃ TC (the phantom has no label 2, so "core" is always empty)
     dj["labels"] = {"background": 0, "lesion": [1, 2], "core": [2]}
     dj["regions_class_order"] = [1, 2]
-    tr = make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEMEMA_CE_Debug, configuration="2d", dataset_json=dj)
+    tr = make_trainer(tiny_dataset, always_mining(ohem.nnUNetTrainerOHEMEMA_CE_Debug), configuration="2d",
+                      dataset_json=dj)
     assert tr.label_manager.has_regions and tr.ranking_error == "ce"
     batch, trained, miner_before, _, _ = one_checked_step(tr, monkeypatch)
     # reference: mean BCE per candidate, weighted over deep-supervision scales, one patch at a time
@@ -313,11 +313,15 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
     assert set(ck["ohem_ema"]["miner_weights"]) == set(ck["network_weights"])
     logging = ck["logging"]
     assert len(logging["ohem_error_selected"]) == 2
-    # hard-example mining picks above-average candidates; training loss goes down
-    assert all(s > c for s, c in zip(logging["ohem_error_selected"], logging["ohem_error_candidates"]))
+    # the default schedule over 2 x 5 steps: warm-up = steps 0-4 (plain nnU-Net), mining = steps 5-8, step 9 plain
+    state = ck["ohem_ema"]
+    assert (state["mining_start_step"], state["mining_end_step"], state["ohem_step"]) == (5, 9, 10)
+    assert logging["ohem_mining_fraction"] == [0.0, pytest.approx(0.8)]
+    assert np.isnan(logging["ohem_error_selected"][0]) and np.isfinite(logging["ohem_error_selected"][1])
     assert logging["train_losses"][1] < logging["train_losses"][0]
     diag = json.load(open(os.path.join(out, "ohem_diagnostics.json")))
-    assert diag["ohem_error_selected"] == pytest.approx(logging["ohem_error_selected"])
+    assert diag["ohem_error_selected"][1] == pytest.approx(logging["ohem_error_selected"][1])
+    assert diag["ohem_error_selected"][0] is None and diag["mining_start_step"] == 5
     assert os.path.getsize(os.path.join(out, "ohem_progress.png")) > 1000
     log_text = "".join(open(os.path.join(out, f)).read() for f in os.listdir(out) if f.startswith("training_log"))
     assert "OHEM error candidates/selected" in log_text
@@ -326,6 +330,7 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
     cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "0", "-tr", name, "-p", ds.plans_identifier,
          "-device", "cpu", "--c"])
     ck2 = torch.load(final, weights_only=False)
+    assert ck2["ohem_ema"]["ohem_step"] == 10
     for k, v in ck["ohem_ema"]["miner_weights"].items():
         assert torch.equal(v, ck2["ohem_ema"]["miner_weights"][k])
 
