@@ -268,10 +268,14 @@ def test_compare_end_to_end_on_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
     assert set(zip(res["trainer"], res["fold"])) == {(t, f) for t in trainers for f in (0, 1)}
     assert (res["epochs"] == 2).all() and (res["iterations_per_epoch"] == 5).all()
     assert (res["train_seconds"] > 0).all()
-    for col in ("dice_all_cases", "n_cases", "n_pred_lesions", "fp_lesions", "fn_lesions", "tp_ref_lesions"):
+    for col in ("n_cases", "n_ref_lesions", "n_pred_lesions", "fp_lesions", "fn_lesions", "tp_ref_lesions"):
         assert np.isfinite(res[col]).all(), col
-    has_lesions = res["n_ref_lesions"] > 0
-    assert np.isfinite(res.loc[has_lesions, "lesion_f1_pooled"]).all()
+    # metrics over cases with lesions exist where the fold has lesions, FP counts where it has lesion-free cases
+    with_lesions, lesion_free = res["n_cases_with_lesions"] > 0, res["n_lesion_free"] > 0
+    assert with_lesions.any() and lesion_free.any()
+    for col in ("dice", "lesion_f1", "lesion_f1_pooled", "lesion_sensitivity"):
+        assert np.isfinite(res.loc[with_lesions, col]).all(), col
+    assert np.isfinite(res.loc[lesion_free, "fp_lesions_lesion_free"]).all()
     md = open(os.path.join(out, "summary.md")).read()
     assert trainers[1] in md and "paired by (fold, seed)" in md and " ".join(argv[:4]) in md
     assert "data:image/png;base64," in open(os.path.join(out, "report.html")).read()
