@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time limit per run: minutes or H:MM:SS / D-HH:MM:SS")
     p.add_argument("--rerun", action="store_true",
                    help="train again the runs that exist with other settings (default: refuse)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     return p
 
 
@@ -106,7 +106,7 @@ def _main_compare(argv: List[str]) -> int:
                         launcher=args.launcher,
                         slurm=SlurmOptions(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
                                            cpus_per_task=args.slurm_cpus_per_task, time_min=args.slurm_time),
-                        rerun=args.rerun, progress=not args.no_progress,
+                        rerun=args.rerun, progress=not args.no_progress and sys.stderr.isatty(),
                         command=" ".join([PROG] + [shlex.quote(a) for a in argv]))
     result = run_compare(cfg)
     c = result["counts"]
