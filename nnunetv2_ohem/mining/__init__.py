@@ -1,8 +1,8 @@
 """Pure building blocks of online hard example mining with an EMA miner (Schmidt-Mengin et al., MSSEG-II 2021).
 
-Nothing here imports a trainer: per-patch errors (:mod:`.errors`), top-B selection and selection recall (:mod:`.selection`),
-the mining schedule (:mod:`.schedule`), reduced-resolution scoring (:mod:`.scoring`) and the momentum update
-of the miner (:mod:`.ema`) are plain tensor functions, tested on their own.
+Nothing here imports a trainer: per-patch errors (:mod:`.errors`), top-B selection and selection recall
+(:mod:`.selection`), the mining schedule (:mod:`.schedule`), reduced-resolution scoring (:mod:`.scoring`) and
+the momentum update of the miner (:mod:`.ema`) are plain tensor functions, tested on their own.
 """
 from nnunetv2_ohem.mining.ema import (PairedTensors, ema_momentum_at, ema_update_, ema_update_pairs_, pair_tensors,
                                       swap_weights_, unwrap_model)
