@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -156,7 +157,8 @@ def report_html(summary_md: str, png: bytes) -> str:
         elif ln.startswith("# "):
             body.append(f"<h1>{html.escape(ln[2:])}</h1>")
         elif ln.strip():
-            body.append(f"<p>{html.escape(ln)}</p>")
+            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(ln))
+            body.append("<p>" + re.sub(r"`(.+?)`", r"<code>\1</code>", text) + "</p>")
     img = base64.b64encode(png).decode("ascii")
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>nnunetv2_ohem_compare</title>"
             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
