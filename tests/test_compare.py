@@ -194,6 +194,21 @@ def test_trainer_wrapper_resolves_any_trainer_name():
         trainers.make_compare_trainer("nnUNetTrainerDoesNotExist_Compare")
 
 
+def test_plan_run_reuses_reevaluates_refuses_or_reruns(tmp_path):
+    spec = {"run_dir": str(tmp_path / "run"), "train": {"trainer": "T", "fold": 0, "epochs": 2},
+            "eval": {"metric": "msseg2", "on": "validation"}, "mode": "train"}
+    assert engine.plan_run(spec, rerun=False)["mode"] == "train"  # nothing there yet
+    os.makedirs(spec["run_dir"])
+    with open(os.path.join(spec["run_dir"], engine.RECORD), "w") as f:
+        json.dump({"train": spec["train"], "eval": spec["eval"], "row": {}}, f)
+    assert engine.plan_run(spec, rerun=False) is None
+    assert engine.plan_run(dict(spec, eval={"metric": "valdo", "on": "validation"}), False)["mode"] == "evaluate"
+    changed = dict(spec, train={"trainer": "T", "fold": 0, "epochs": 3})
+    with pytest.raises(engine.CompareError, match="epochs 2 -> 3"):
+        engine.plan_run(changed, rerun=False)
+    assert engine.plan_run(changed, rerun=True)["mode"] == "train"
+
+
 # ------------------------------------------------------------------------------------------------ launcher
 
 def test_submitit_launcher_collects_the_same_rows_as_local(tmp_path):
