@@ -222,6 +222,25 @@ def test_submitit_launcher_collects_the_same_rows_as_local(tmp_path):
     assert all((tmp_path / f"run{i}" / "submitit").is_dir() for i in range(3))  # logs per run
 
 
+def test_a_failed_run_lets_the_others_finish_and_is_reported_in_one_line(tmp_path):
+    done = []
+
+    def fn(spec):
+        if spec["value"] == 1:
+            raise engine.CompareError(f"training {spec['tag']} failed (exit code 1): boom")
+        done.append(spec["value"])
+        return dict(spec)
+
+    specs = [{"run_dir": str(tmp_path / f"run{i}"), "train": {"trainer": "T", "fold": i, "seed": 0},
+              "tag": f"run {i}", "value": i} for i in range(3)]
+    with pytest.raises(engine.CompareError, match="run 1 failed"):
+        engine.launch_local(specs, 1, "local", False, fn=fn)
+    assert sorted(done) == [0, 2]
+    # through submitit: the job's exception becomes one line naming the run and its log
+    with pytest.raises(engine.CompareError, match=r"\(run 0\) failed: .*TypeError.*logs: "):
+        engine.launch_submitit(specs[:1], "submitit_local", engine.SlurmOptions(time_min=5), "s", False, fn=int)
+
+
 def test_equal_time_budget_scales_epochs_and_reuses_the_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
     _fake_preprocessed(tmp_path / "pre", "Dataset995_Fake")

@@ -512,10 +512,14 @@ def launch_local(specs: List[Dict], jobs: int, desc: str, progress: bool, fn=Non
     bar = _bar(len(specs), desc, progress)
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures: Dict = {}
+    failures: List[str] = []
     try:
         futures = {pool.submit(fn, s): i for i, s in enumerate(specs)}
         for fut in as_completed(futures):
-            rows[futures[fut]] = fut.result()
+            try:
+                rows[futures[fut]] = fut.result()
+            except CompareError as err:  # a failed run: the others finish and are kept for a rerun
+                failures.append(str(err))
             bar.update(1)
     except BaseException:
         for f in futures:
@@ -525,7 +529,14 @@ def launch_local(specs: List[Dict], jobs: int, desc: str, progress: bool, fn=Non
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    _raise_failures(failures, len(specs))
     return rows  # type: ignore[return-value]
+
+
+def _raise_failures(failures: List[str], n: int) -> None:
+    if failures:
+        more = f" ({len(failures)} of {n} runs failed; the finished ones are kept)" if len(failures) > 1 else ""
+        raise CompareError(failures[0] + more)
 
 
 def _executor(spec: Dict, launcher: str, slurm: SlurmOptions):
@@ -559,6 +570,7 @@ def launch_submitit(specs: List[Dict], launcher: str, slurm: SlurmOptions, desc:
         rows: List[Optional[Dict]] = [None] * len(specs)
         bar = _bar(len(specs), desc, progress)
         poll = 0.5 if launcher == "submitit_local" else slurm.poll_seconds
+        failures: List[str] = []
         try:
             for job in submitit.helpers.as_completed(jobs, poll_frequency=poll):
                 i = index[id(job)]
@@ -567,11 +579,12 @@ def launch_submitit(specs: List[Dict], launcher: str, slurm: SlurmOptions, desc:
                 except Exception as err:  # noqa: BLE001 - the job's traceback is in its log
                     lines = [ln for ln in str(err).splitlines() if ln.strip()]
                     detail = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
-                    raise CompareError(f"job {job.job_id} ({specs[i]['tag']}) failed: {detail.strip()} "
-                                       f"(logs: {job.paths.stderr})") from None
+                    failures.append(f"job {job.job_id} ({specs[i]['tag']}) failed: {detail.strip()} "
+                                    f"(logs: {job.paths.stderr})")
                 bar.update(1)
         finally:
             bar.close()
+        _raise_failures(failures, len(specs))
         return rows  # type: ignore[return-value]
     except BaseException:
         for j in jobs:
