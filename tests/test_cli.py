@@ -287,3 +287,30 @@ def test_evaluate_exit_codes(tmp_path):
     assert proc.returncode == 2 and "-np" in proc.stderr
     proc = subprocess.run(base + ["--no_such_option"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--no_such_option" in proc.stderr
+
+
+def test_missing_fingerprint_is_created_by_nnunets_own_extractor(nnunet_env, monkeypatch):
+    """Without --fast_fingerprint a missing dataset_fingerprint.json is written by nnU-Net's extractor (its own
+    sample count; made small here for speed), not by our fast one, which is returned for planning only."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    from nnunetv2_ohem.phantoms.simple import write_simple_lesion_dataset
+    from nnunetv2_ohem.plans.common import fingerprint_for_planning
+
+    write_simple_lesion_dataset(nnunet_env["nnUNet_raw"], 985, "Fingerprint", n_train=3, n_test=0,
+                                shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0), seed=5)
+    stock_init = DatasetFingerprintExtractor.__init__
+
+    def small_stock_sample(self, *args, **kwargs):
+        stock_init(self, *args, **kwargs)
+        if type(self) is DatasetFingerprintExtractor:
+            self.num_foreground_voxels_for_intensitystats = 30_000
+
+    monkeypatch.setattr(DatasetFingerprintExtractor, "__init__", small_stock_sample)
+    fast = fingerprint_for_planning(985, 1)
+    written = load_json(os.path.join(nnunet_env["nnUNet_preprocessed"], "Dataset985_Fingerprint",
+                                     "dataset_fingerprint.json"))
+    assert written["spacings"] == fast["spacings"] and written["shapes_after_crop"] == fast["shapes_after_crop"]
+    stats = [(f["foreground_intensity_properties_per_channel"]["0"]["mean"]) for f in (written, fast)]
+    assert stats[0] != stats[1]  # 30 000 samples (the stock extractor) vs 10 000 (ours)

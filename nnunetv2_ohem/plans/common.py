@@ -42,6 +42,8 @@ def checked_dataset_name(dataset_id: int) -> str:
     except RuntimeError:
         raise UserError(f"dataset {dataset_id}: no Dataset{dataset_id:03d}_* folder in nnUNet_raw "
                         f"({nnUNet_raw})") from None
+    if not os.path.isdir(os.path.join(nnUNet_raw, name)):  # known only from nnUNet_preprocessed/results
+        raise UserError(f"dataset {dataset_id}: no {name} folder in nnUNet_raw ({nnUNet_raw})")
     dataset_json = os.path.join(nnUNet_raw, name, "dataset.json")
     if not os.path.isfile(dataset_json):
         raise UserError(f"{dataset_json}: missing (nnU-Net's description of the dataset; "
