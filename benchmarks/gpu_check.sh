@@ -18,7 +18,7 @@ set -uo pipefail
 
 DRY=0
 RESULTS=""
-BEST_SCORING="${BEST_SCORING:-ds2_bf16}"
+BEST_SCORING="${BEST_SCORING:-bf16}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -66,10 +66,10 @@ else
     REALISTIC=(--plans_names nnUNetPlans nnUNetResEncUNetMPlans --loader_plans nnUNetPlans --loader_steps 4
                --repeats 2 --score_repeats 3 --full_steps 3 --full_warmup 7 --best_scoring "$BEST_SCORING")
     # tiny plans: few loader workers per trainer (eight trainers live at once)
-    TINY=(--steps 10 --warmup 2 --recall_steps 200)
+    TINY=(--steps 10 --warmup 2 --recall_steps 200 --options exact bf16 fp16 ds2_fp16)
     PRECISION=(--device cuda)
     BLOB=(--device cuda --edge 128 --repeats 10)
-    LIMITS=(270 90 75 30)
+    LIMITS=(300 75 75 30)
 fi
 
 FAILED=0

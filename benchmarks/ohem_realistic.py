@@ -107,6 +107,9 @@ def smooth_volume(rng, shape, base=8) -> np.ndarray:
     return (vol + 0.2 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
 
+_WRITTEN: Dict[tuple, str] = {}
+
+
 def write_preprocessed_cases(plans: dict, configuration: str, n_cases: int = 3, shape=None, seed: int = 0,
                              lesions_per_case: int = 20) -> str:
     """Synthetic preprocessed cases (2 channels, z-scored smooth fields; ~20 small lesions each) saved with
@@ -120,6 +123,12 @@ def write_preprocessed_cases(plans: dict, configuration: str, n_cases: int = 3, 
     conf = plans["configurations"][configuration]
     shape = tuple(int(round(x)) for x in (shape or conf["median_image_size_in_voxels"]))
     folder = os.path.join(str(nnUNet_preprocessed), plans["dataset_name"], conf["data_identifier"])
+    # plans with the same spacing, patch and case shape (nnUNetPlans and ResEncM here) share the same data
+    same = (tuple(conf["spacing"]), tuple(conf["patch_size"]), shape, n_cases, seed)
+    if same in _WRITTEN and not os.path.exists(folder):
+        os.symlink(_WRITTEN[same], folder)
+        return folder
+    _WRITTEN[same] = folder
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n_cases):

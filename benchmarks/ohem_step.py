@@ -181,6 +181,8 @@ def realistic(args) -> None:
                           "loader_cpu_s": _r(lo[mode]["cpu_s"]), "loader_wall_s": _r(lo[mode]["wall_s"]),
                           "steps": args.loader_steps, "repeats": args.repeats,
                           "note": "loaders measured one after the other (not interleaved)"})
+            if args.skip_scoring:
+                continue
             trainers["crops"] = start("crops")
             B_bar = trainers["crops"].num_candidates
             # (b) miner scoring per option, on real candidate crops of this plan
@@ -349,8 +351,9 @@ def main():
     g.add_argument("--score_repeats", type=int, default=1)
     g.add_argument("--full_steps", type=int, default=0, help="timed full train steps per trainer (0: skip)")
     g.add_argument("--full_warmup", type=int, default=7, help="untimed steps first (drains the prefetch queue)")
-    g.add_argument("--best_scoring", default="ds2", help="scoring option of the OHEM trainers in the full step")
+    g.add_argument("--best_scoring", default="bf16", help="scoring option of the OHEM trainers in the full step")
     g.add_argument("--skip_loader", action="store_true")
+    g.add_argument("--skip_scoring", action="store_true", help="loader rows only (no scoring, no full steps)")
     g.add_argument("--loader_plans", nargs="+", default=None,
                    help="measure the loaders only for these plans (same patch and transforms = same loader cost)")
     g = p.add_argument_group("--tiny_options")
