@@ -67,7 +67,8 @@ def _unblock_sigterm() -> None:
 
 def _default_sigterm_in_child() -> None:
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # a handler restored by run_cli is kept
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except ValueError:  # pragma: no cover - forked from another thread: _raise_terminated's pid check applies
         pass
     _unblock_sigterm()
