@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete previous demo outputs in --out and start over")
     p.add_argument("--cases", type=int, default=_D.n_train, help="training phantoms")
     p.add_argument("--test_cases", type=int, default=_D.n_test, help="held-out phantoms (predicted and scored)")
-    p.add_argument("--methods", nargs="+", default=list(_D.methods), choices=KNOWN_METHODS,
+    p.add_argument("-tr", "--methods", nargs="+", default=list(_D.methods), choices=KNOWN_METHODS,
                    metavar="TRAINER", help="trainers to compare, all with the same budget: %(choices)s")
     p.add_argument("--epochs", type=int, default=_D.epochs, help="training epochs per method")
     p.add_argument("--iterations", type=int, default=_D.iterations, help="training iterations per epoch")

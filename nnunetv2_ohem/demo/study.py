@@ -505,7 +505,7 @@ def build_parser():
                                             "summary and plots written to --docs.")
     p.add_argument("--out", default=d.out, help="working folder (nnU-Net data, runs); not for committing")
     p.add_argument("--docs", default=d.docs, help="where results.csv, summary.md and study.png are written")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=KNOWN_METHODS,
+    p.add_argument("-tr", "--methods", nargs="+", default=list(d.methods), choices=KNOWN_METHODS,
                    metavar="TRAINER", help="methods compared: %(choices)s")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds")
     p.add_argument("--budgets", nargs="+", default=list(d.budgets), choices=BUDGETS,
