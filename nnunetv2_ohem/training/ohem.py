@@ -343,8 +343,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         if decoder is not None and hasattr(decoder, "deep_supervision"):
             decoder.deep_supervision = self.enable_deep_supervision and opts.deep_supervision
         full_res = target[0] if isinstance(target, list) else target
-        stride = total_stride(self.configuration_manager.pool_op_kernel_sizes, data.ndim - 2) \
-            if opts.downsample > 1 else None
+        stride = self._total_stride(data.ndim - 2) if opts.downsample > 1 else None
         errors = []
         self.miner.train(self.miner_train_mode)
         with torch.inference_mode():
@@ -372,6 +371,14 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
                     w = None
                 errors.append(self.candidate_errors(outs, tgts, w))
         return torch.cat(errors).clone()
+
+    def _total_stride(self, ndim: int):
+        """Input sizes the network needs to be divisible by: the plan's pooling strides (the paper U-Net's
+        plans carry none: it pools twice by 2)."""
+        try:
+            return total_stride(self.configuration_manager.pool_op_kernel_sizes, ndim)
+        except KeyError:
+            return (4,) * ndim
 
     def compute_candidate_errors(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]]
                                  ) -> torch.Tensor:
