@@ -15,8 +15,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_ohem.losses.blob import blob_loss, per_sample_blob_error
 from nnunetv2_ohem.mining import per_sample_error, unwrap_model
+from nnunetv2_ohem.mining.errors import blob_ranking_error
 from nnunetv2_ohem.training import ohem_blob
-from nnunetv2_ohem.training.ohem_blob import blob_ranking_error
 from ohem_helpers import always_mining, train_step_capturing_subbatch
 
 

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from nnunetv2_ohem.mining.errors import blob_ranking_error  # noqa: F401  (re-exported: its former home)
+from nnunetv2_ohem.mining.errors import blob_ranking_error
 from nnunetv2_ohem.training.blob import check_finite_batch, nnUNetTrainerBlobLoss
 from nnunetv2_ohem.training.common import with_training_length
 from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEMEMA
