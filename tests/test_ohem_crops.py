@@ -170,3 +170,32 @@ def test_auto_score_dtype_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
         monkeypatch.setattr(ohem, "native_cpu_bf16", lambda: native)
         assert ohem.resolve_score_dtype("auto", "cpu") == ("bf16" if native else None)
         assert ohem.resolve_score_dtype(None, "cpu") is None
+
+
+def test_prefetch_trains_the_winners_selected_one_step_earlier(tiny_dataset, monkeypatch):
+    """``ohem_crops_prefetch``: the first mining step trains its own winners and selects the next ones from one
+    more candidate batch; from then on each step trains the winners the previous step selected."""
+    tr = _trainer(tiny_dataset, always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_crops_prefetch=True))
+    submitted, trained = [], []
+    real_submit = tr.winner_augmenter.submit
+
+    def submit(keys, boxes):
+        handle = real_submit(keys, boxes)
+        submitted.append((list(keys), [b.tolist() for b in boxes], handle.result()))
+        return handle
+
+    monkeypatch.setattr(tr.winner_augmenter, "submit", submit)
+    parent = nnUNetTrainer.train_step
+    monkeypatch.setattr(nnUNetTrainer, "train_step", lambda self, sub: trained.append(sub) or parent(self, sub))
+    tr.on_train_epoch_start()
+    batches = []
+    for _ in range(3):
+        batches.append(next(tr.dataloader_train))
+        tr.train_step(batches[-1])
+    assert len(submitted) == 4 and len(trained) == 3  # step 1 selects twice
+    for step, sub in zip((0, 1, 2), (0, 1, 2)):
+        assert torch.equal(trained[step]["data"], submitted[sub][2]["data"])
+    # the winners of step 2 (submitted[2]) are those selected from step 2's own batch
+    idx = tr.last_selection["indices"].tolist()
+    assert submitted[3][0] == [batches[2]["keys"][i] for i in idx]
+    tr.dataloader_train._finish()

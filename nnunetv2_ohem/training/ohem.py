@@ -157,6 +157,11 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     ohem_score_deep_supervision: bool = True
     #: miner weights and inputs in channels-last memory layout (same numbers, other kernels)
     ohem_score_channels_last: bool = False
+    #: "crops" only: select the next step's winners before this step trains, so that their augmentation in the
+    #: worker pool overlaps with the training step instead of being waited for. The winners trained at step t
+    #: were then selected by the miner of step t−1 (one EMA update older); the first mining step (and the first
+    #: after a resume) selects twice to fill the pipeline. Off: select and train in the same step (Algorithm 1).
+    ohem_crops_prefetch: bool = False
     #: every mining step also scores exactly (fp32, full resolution, all heads) and logs the selection recall
     #: |top-h(option) ∩ top-h(exact)| / h as ``ohem_selection_recall`` (costs one more miner pass per step)
     ohem_measure_recall: bool = False
@@ -193,6 +198,8 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         self.ohem_step = 0
         #: draws the random part of a hard/random selection; its state is checkpointed
         self.ohem_generator = torch.Generator()
+        #: crops prefetch: the winners selected one step ahead, being augmented
+        self._prefetched = None
         self._disagreement_pending = True
         self._register_log_keys()
 
@@ -407,6 +414,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     # ------------------------------------------------------------------ steps
     def _plain_step(self, batch: dict) -> dict:
         """Warm-up / after-mining step: nnU-Net's batch and train step, no miner forward; the EMA tracks."""
+        self._prefetched = None  # winners prefetched by the last mining step are not trained
         result = super().train_step(batch)
         ema_update_(self.miner, self.network, self.ema_momentum)
         result.update({k: float("nan") for k in OHEM_LOG_KEYS})
@@ -421,7 +429,8 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         self.ohem_step += 1
         return result
 
-    def _mining_step(self, batch: dict) -> dict:
+    def _select(self, batch: dict):
+        """Score a candidate batch and select: (data, target, errors, indices, recall) on the device."""
         data, target = batch["data"], batch["target"]
         data = data.to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -435,13 +444,29 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         if self.ohem_measure_recall and n_hard > 0:
             exact = self.score_candidates(data, target, EXACT_SCORING)
             recall = selection_recall(select_top_b(errors, n_hard), select_top_b(exact, n_hard))
+        return data, target, errors, idx, recall
+
+    def _winners(self, batch: dict, idx: torch.Tensor):
+        picks = idx.cpu().tolist()
+        return self.winner_augmenter.submit([batch["keys"][i] for i in picks], [batch["bboxes"][i] for i in picks])
+
+    def _mining_step(self, batch: dict) -> dict:
+        data, target, errors, idx, recall = self._select(batch)
         disagreement = self._disagreement(data[idx]) if self._disagreement_pending else float("nan")
         self._disagreement_pending = False
 
-        if "bboxes" in batch:  # crops: only the winners get nnU-Net's augmentation
-            picks = idx.cpu().tolist()
-            trained = self.winner_augmenter([batch["keys"][i] for i in picks],
-                                            [batch["bboxes"][i] for i in picks])
+        if "bboxes" in batch and self.ohem_crops_prefetch:
+            # this batch's winners are trained next step; train on those selected one step ago
+            if self._prefetched is None:  # pipeline empty: train these winners now, select the next ones
+                trained = self._winners(batch, idx).result()
+                extra = next(self.dataloader_train.candidates)
+                self._prefetched = self._winners(extra, self._select(extra)[3])
+            else:  # submit first, so the pool can start on them while the previous ones finish
+                upcoming = self._winners(batch, idx)
+                trained = self._prefetched.result()
+                self._prefetched = upcoming
+        elif "bboxes" in batch:  # crops: only the winners get nnU-Net's augmentation
+            trained = self._winners(batch, idx).result()
         else:
             trained = {"data": data[idx], "target": [t[idx] for t in target] if isinstance(target, list)
                        else target[idx]}
@@ -567,6 +592,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
             self.ohem_step = int(state.get("ohem_step", self.current_epoch * self.num_iterations_per_epoch))
             if "generator_state" in state:
                 self.ohem_generator.set_state(state["generator_state"].cpu())
+        self._prefetched = None  # not checkpointed: the first mining step after a resume refills the pipeline
         self._register_log_keys()
 
 

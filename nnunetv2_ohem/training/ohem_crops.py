@@ -116,6 +116,18 @@ def _augment_in_worker(key: str, box: Box):
     return augment_winner(*_WORKER_STATE, key, box)
 
 
+class PendingWinners:
+    """Winners being augmented: done samples (in-process) or one future per winner (worker pool)."""
+
+    def __init__(self, samples: Optional[list] = None, futures: Optional[list] = None):
+        self._samples, self._futures = samples, futures
+
+    def result(self) -> dict:
+        if self._samples is None:
+            self._samples = [f.result() for f in self._futures]
+        return collate(self._samples)
+
+
 class WinnerAugmenter:
     """Applies the training transforms to the B winners, in parallel worker processes (``num_processes`` > 0,
     the pool starts at the first call) or in the calling process (0, as nnU-Net with ``nnUNet_n_proc_DA=0``)."""
@@ -126,19 +138,23 @@ class WinnerAugmenter:
         self._pool: Optional[ProcessPoolExecutor] = None
 
     def __call__(self, keys: Sequence[str], boxes: Sequence[Box]) -> dict:
+        """The augmented winners as one nnU-Net batch (waits for them)."""
+        return self.submit(keys, boxes).result()
+
+    def submit(self, keys: Sequence[str], boxes: Sequence[Box]) -> "PendingWinners":
+        """Start augmenting the winners; ``.result()`` of the returned handle waits and collates. In-process
+        (``num_processes`` = 0) the work is done here, before returning."""
         boxes = [[[int(a), int(b)] for a, b in box] for box in boxes]
         if self.num_processes <= 0:
-            samples = [augment_winner(self.dataset, self.transforms, self.patch_size_was_2d, k, b)
-                       for k, b in zip(keys, boxes)]
-        else:
-            if self._pool is None:
-                # fork like batchgenerators' workers: the dataset and transforms are inherited, not pickled
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-                self._pool = ProcessPoolExecutor(self.num_processes, multiprocessing.get_context(method),
-                                                 initializer=_init_worker,
-                                                 initargs=(self.dataset, self.transforms, self.patch_size_was_2d))
-            samples = list(self._pool.map(_augment_in_worker, keys, boxes))
-        return collate(samples)
+            return PendingWinners(samples=[augment_winner(self.dataset, self.transforms, self.patch_size_was_2d,
+                                                          k, b) for k, b in zip(keys, boxes)])
+        if self._pool is None:
+            # fork like batchgenerators' workers: the dataset and transforms are inherited, not pickled
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            self._pool = ProcessPoolExecutor(self.num_processes, multiprocessing.get_context(method),
+                                             initializer=_init_worker,
+                                             initargs=(self.dataset, self.transforms, self.patch_size_was_2d))
+        return PendingWinners(futures=[self._pool.submit(_augment_in_worker, k, b) for k, b in zip(keys, boxes)])
 
     def close(self) -> None:
         if self._pool is not None:
