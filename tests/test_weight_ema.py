@@ -299,3 +299,42 @@ def test_ema_identical_across_ddp_ranks(tiny_dataset, tmp_path):
     for r in (r0, r1):
         assert torch.equal(r["online_after_validation"], r["online"])
         assert torch.equal(r["loaded_ema"], r0["ema"]) and torch.equal(r["loaded_online"], r0["online"])
+
+
+# ----------------------------------------------------------------------------------------- stock CLIs
+@pytest.mark.slow
+def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
+    """``-tr nnUNetTrainerEMA_Debug`` through nnUNetv2_train (training, final validation), ``--c`` and
+    nnUNetv2_predict."""
+    import shutil
+
+    ds, name = tiny_dataset, "nnUNetTrainerEMA_Debug"
+    train = ["nnUNetv2_train", str(ds.dataset_id), "2d", "0", "-tr", name, "-p", ds.plans_identifier, "-device", "cpu"]
+    cli(train)
+    out = join(os.environ["nnUNet_results"], ds.name, f"{name}__{ds.plans_identifier}__2d", "fold_0")
+    final = torch.load(join(out, "checkpoint_final.pth"), weights_only=False)
+    st = final["weight_ema"]
+    assert st["num_updates"] == 10 and st["exported"]  # 2 epochs x 5 steps
+    assert_states_close(final["network_weights"], st["ema_weights"], exact=True)
+    assert any(not torch.equal(v, st["online_weights"][k]) for k, v in st["ema_weights"].items())
+    assert "weight_ema" in torch.load(join(out, "checkpoint_best.pth"), weights_only=False)
+    assert os.path.isfile(join(out, "validation", "summary.json"))
+    log_text = "".join(open(join(out, f)).read() for f in os.listdir(out) if f.startswith("training_log"))
+    assert "weight EMA: 10 updates" in log_text
+
+    # --c on a finished run: nnU-Net loads through our load_checkpoint and saves the final checkpoint again
+    cli(train + ["--c"])
+    again = torch.load(join(out, "checkpoint_final.pth"), weights_only=False)["weight_ema"]
+    assert again["num_updates"] == 10
+    assert_states_close(again["ema_weights"], st["ema_weights"], exact=True)
+    assert_states_close(again["online_weights"], st["online_weights"], exact=True)
+
+    case = sorted(f for f in os.listdir(join(ds.raw_folder, "labelsTs")) if f.endswith(".nii.gz"))[0]
+    inp, pred = tmp_path / "in", tmp_path / "pred"
+    inp.mkdir()
+    for f in os.listdir(join(ds.raw_folder, "imagesTs")):
+        if f.startswith(case[:-len(".nii.gz")] + "_"):
+            shutil.copy(join(ds.raw_folder, "imagesTs", f), inp / f)
+    cli(["nnUNetv2_predict", "-i", str(inp), "-o", str(pred), "-d", str(ds.dataset_id), "-c", "2d", "-f", "0",
+         "-tr", name, "-p", ds.plans_identifier, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"])
+    assert os.path.isfile(pred / case)
