@@ -188,8 +188,18 @@ def test_final_validation_runs_on_ema_weights(ema_trainer, monkeypatch):
     assert_states_close(seen["weights"], online, exact=True)
 
 
+class _WithExtras(ema.nnUNetTrainerEMA_Debug):
+    """A subclass with its own checkpoint entry, as OHEM-EMA keeps its schedule position."""
+
+    def checkpoint_extras(self):
+        return {"my_extra": {"updates_at_save": self.ema_num_updates}}
+
+    def load_checkpoint_extras(self, checkpoint):
+        self.loaded_extra = checkpoint["my_extra"]
+
+
 def test_checkpoint_holds_both_weight_sets_and_resume_is_bit_identical(tiny_dataset, tmp_path):
-    tr = make_trainer(tiny_dataset, ema.nnUNetTrainerEMA_Debug, configuration="2d")
+    tr = make_trainer(tiny_dataset, _WithExtras, configuration="2d")
     tr.on_train_epoch_start()
     batches = [copy.deepcopy(next(tr.dataloader_train)) for _ in range(5)]
     for b in batches[:2]:
@@ -202,9 +212,9 @@ def test_checkpoint_holds_both_weight_sets_and_resume_is_bit_identical(tiny_data
     assert_states_close(ck["weight_ema"]["online_weights"], state(tr.network), exact=True)  # for --c
     assert ck["weight_ema"]["num_updates"] == 2 and ck["weight_ema"]["momentum"] == 0.999
 
-    resumed = make_trainer(tiny_dataset, ema.nnUNetTrainerEMA_Debug, configuration="2d", start=False)
+    resumed = make_trainer(tiny_dataset, _WithExtras, configuration="2d", start=False)
     resumed.load_checkpoint(path)
-    assert resumed.ema_num_updates == 2
+    assert resumed.ema_num_updates == 2 and resumed.loaded_extra == {"updates_at_save": 2}
     for b in batches[2:]:
         tr.train_step(b)
         resumed.train_step(copy.deepcopy(b))

@@ -141,8 +141,17 @@ class EMAMixin:
             super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extras(self) -> dict:
+        """Further top-level checkpoint entries of a subclass (e.g. OHEM's schedule position), written in the
+        same atomic save."""
+        return {}
+
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        """Restore what :meth:`checkpoint_extras` wrote; called at the end of ``load_checkpoint`` with the
+        loaded checkpoint (read once here)."""
+
     def ema_checkpoint_state(self) -> dict:
-        """The ``weight_ema`` checkpoint entry; subclasses may add their settings to it."""
+        """The ``weight_ema`` checkpoint entry."""
         return {"ema_weights": self.ema_model.state_dict(), "momentum": self.ema_momentum,
                 "warmup": bool(self.ema_warmup), "num_updates": int(self.ema_num_updates),
                 "exported": bool(self.ema_export)}
@@ -161,6 +170,7 @@ class EMAMixin:
                 state["online_weights"] = checkpoint["network_weights"]
                 checkpoint["network_weights"] = state["ema_weights"]
             checkpoint[EMA_CHECKPOINT_KEY] = state
+            checkpoint.update(self.checkpoint_extras())
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
@@ -190,6 +200,7 @@ class EMAMixin:
             self.ema_model.load_state_dict(state["ema_weights"])
             self.ema_num_updates = int(state.get("num_updates", 0))
         self._ema_in_network = False
+        self.load_checkpoint_extras(checkpoint)
 
 
 class nnUNetTrainerEMA(EMAMixin, LesionValidationMixin, nnUNetTrainer):
