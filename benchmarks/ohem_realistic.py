@@ -278,8 +278,9 @@ def loader_step_fn(tr, mode: str):
 
 def measure_loaders(steps: Dict[str, callable], n: int, warmup: int, repeats: int) -> Dict[str, dict]:
     """Per step: wall seconds and CPU seconds (this process + every worker process), median over ``repeats``
-    interleaved rounds. Each round first drains ``warmup`` steps (more than the loader's prefetch queue, which
-    refilled while the other loaders were measured), so the ``n`` measured steps are produced while measured."""
+    rounds. Each round first drains ``warmup`` steps (at least what nnU-Net's augmenter can hold prefetched: its
+    worker queue and its results queue of ``num_cached`` batches each, plus one batch per worker), so the ``n``
+    measured steps are produced while measured."""
     meter = CpuMeter()
     res = {k: {"wall": [], "cpu": []} for k in steps}
     for _ in range(repeats):

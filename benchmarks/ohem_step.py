@@ -163,11 +163,13 @@ def realistic(args) -> None:
             # that three sets of 128³ prefetch queues never share the memory
             if not args.skip_loader and (args.loader_plans is None or pname in args.loader_plans):
                 lo = {}
+                n_da = int(os.environ["nnUNet_n_proc_DA"])
+                drain = args.loader_warmup if args.loader_warmup is not None else 2 * max(6, n_da // 2) + n_da + 2
                 for mode in ("plain", "augmented", "crops"):
                     tr = start(mode)
                     try:
                         lo.update(R.measure_loaders({mode: R.loader_step_fn(tr, mode)}, args.loader_steps,
-                                                    args.loader_warmup, args.repeats))
+                                                    drain, args.repeats))
                     finally:
                         R.finish(tr)
                         del tr
@@ -179,7 +181,7 @@ def realistic(args) -> None:
                           "loader_ratio": _ratio(lo[mode]["cpu_s"], lo["plain"]["cpu_s"]),
                           "loader_wall_ratio": _ratio(lo[mode]["wall_s"], lo["plain"]["wall_s"]),
                           "loader_cpu_s": _r(lo[mode]["cpu_s"]), "loader_wall_s": _r(lo[mode]["wall_s"]),
-                          "steps": args.loader_steps, "repeats": args.repeats,
+                          "steps": args.loader_steps, "repeats": args.repeats, "drained": drain,
                           "note": "loaders measured one after the other (not interleaved)"})
             if args.skip_scoring:
                 continue
@@ -344,7 +346,9 @@ def main():
                    help="plans to measure (default: both on CUDA, nnUNetPlans on CPU; ResEncM has the same patch)")
     g.add_argument("--scoring", nargs="+", default=None, help="scoring options (names in ohem_realistic.py)")
     g.add_argument("--loader_steps", type=int, default=4)
-    g.add_argument("--loader_warmup", type=int, default=7, help="> the loaders' prefetch queue (6)")
+    g.add_argument("--loader_warmup", type=int, default=None,
+                   help="steps drained before measuring (default: all that nnU-Net's augmenter can hold prefetched: "
+                        "2 queues of max(6, n/2) batches + one per worker + 2)")
     g.add_argument("--repeats", type=int, default=2)
     g.add_argument("--score_candidates", type=int, default=None,
                    help="candidates scored per option (default B̄; per-step time is scaled to B̄)")
