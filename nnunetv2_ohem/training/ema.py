@@ -12,7 +12,8 @@ Compose with any trainer by putting the mixin first::
     class MyTrainer(EMAMixin, nnUNetTrainerBlobLoss):
         ema_momentum = 0.999
 
-OHEM-EMA's miner is this same average (its trainers inherit the mixin). See ``docs/ema.md``.
+OHEM-EMA's miner is the same average: a trainer that inherits the mixin mines with ``ema_model``
+(constant μ, no warm-up, online weights for validation and export unless it sets the knobs). See ``docs/ema.md``.
 """
 import contextlib
 import copy
