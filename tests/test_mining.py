@@ -232,6 +232,8 @@ def test_ema_rejects_mismatched_networks():
 # ---------------------------------------------------------------- DDP: miner identical on every rank
 def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
+    # a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe: it hangs)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
     net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU(),
