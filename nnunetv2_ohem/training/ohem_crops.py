@@ -13,8 +13,9 @@ Pipeline per mining step (B̄ = k·B candidates, B winners):
 3. :class:`WinnerAugmenter` re-crops each winner's initial-size box from the preprocessed case (the same
    deterministic crop the loader would have made) and runs the trainer's own ``get_training_transforms``
    (nnU-Net's full pipeline for this configuration and plans, deep-supervision targets included, plus
-   whatever a subclass adds, e.g. instance maps) on it, in a pool of ``nnUNet_n_proc_DA`` worker processes,
-   one winner per worker, so B augmentations run in parallel and never in the main process.
+   whatever a subclass adds, e.g. instance maps) on it, in a pool of ``nnUNet_n_proc_DA`` worker processes
+   (started from a fork server), one winner per worker, so B augmentations run in parallel and never in the
+   main process.
 
 Only the (key, box) identity of a winner crosses a process boundary on the way in and one augmented patch on
 the way out; raw initial-size crops (≈2.5× a patch's voxels at 30° rotation) never do.
@@ -112,6 +113,18 @@ def augment_winner(dataset, transforms, patch_size_was_2d: bool, key: str, box: 
         return _transform(transforms, image, seg)
 
 
+def _worker_context():
+    """Workers come from a fork server (a fresh single-threaded process with torch and this module imported
+    once): forking the trainer itself, which runs torch's thread pools and loader threads, can copy a held
+    lock into the child and hang it (seen in tests). The dataset and transforms are pickled to each worker
+    once (a few kB). Platforms without fork servers spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _augment_in_worker(key: str, box: Box):
     return augment_winner(*_WORKER_STATE, key, box)
 
@@ -149,10 +162,7 @@ class WinnerAugmenter:
             return PendingWinners(samples=[augment_winner(self.dataset, self.transforms, self.patch_size_was_2d,
                                                           k, b) for k, b in zip(keys, boxes)])
         if self._pool is None:
-            # fork like batchgenerators' workers: the dataset and transforms are inherited, not pickled
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            self._pool = ProcessPoolExecutor(self.num_processes, multiprocessing.get_context(method),
-                                             initializer=_init_worker,
+            self._pool = ProcessPoolExecutor(self.num_processes, _worker_context(), initializer=_init_worker,
                                              initargs=(self.dataset, self.transforms, self.patch_size_was_2d))
         return PendingWinners(futures=[self._pool.submit(_augment_in_worker, k, b) for k, b in zip(keys, boxes)])
 
