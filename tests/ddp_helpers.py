@@ -60,10 +60,12 @@ def nnunet_ddp_on_cpu():
 def _entry(rank: int, world_size: int, init_file: str, out_dir: str, worker: Callable, args: Sequence,
            seed: int) -> None:
     import torch.distributed as dist
+    # first of all: a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe); one
+    # thread per rank also keeps world_size ranks from oversubscribing the cores
+    torch.set_num_threads(1)
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
-    torch.set_num_threads(1)  # world_size ranks share the cores
     path = os.path.join(out_dir, f"rank{rank}.pt")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
