@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from nnunetv2_ohem.compare import engine, metrics, select
+from nnunetv2_ohem.compare import engine, select
+from nnunetv2_ohem.evaluation import run_metrics as metrics
 from nnunetv2_ohem.compare.cli import main
 from nnunetv2_ohem.compare.report import summary_markdown
 from nnunetv2_ohem.compare.stats import paired_differences, summarize_runs

@@ -47,7 +47,7 @@ import pandas as pd
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.cli_common import UsageError, UserError
 from nnunetv2_ohem.compare import trainers as wrap
-from nnunetv2_ohem.compare.metrics import FAMILIES, run_metrics
+from nnunetv2_ohem.evaluation.run_metrics import FAMILIES, run_metrics
 from nnunetv2_ohem.demo.pipeline import console_script
 from nnunetv2_ohem.demo.study import equal_time_epochs, parse_epoch_times
 

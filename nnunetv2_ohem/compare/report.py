@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from nnunetv2_ohem.atomic import write_text_atomic
-from nnunetv2_ohem.compare.metrics import LOWER_IS_BETTER, SUMMARY_METRICS
+from nnunetv2_ohem.evaluation.run_metrics import LOWER_IS_BETTER, SUMMARY_METRICS
 from nnunetv2_ohem.compare.stats import format_ci, format_p, mean_ci, paired_differences, summarize_runs
 
 

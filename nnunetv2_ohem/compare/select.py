@@ -27,7 +27,7 @@ import pandas as pd
 
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.cli_common import UsageError, UserError
-from nnunetv2_ohem.compare.metrics import (COUNT_COLUMNS, LOWER_IS_BETTER, default_selection_metric,
+from nnunetv2_ohem.evaluation.run_metrics import (COUNT_COLUMNS, LOWER_IS_BETTER, default_selection_metric,
                                            pooled_lesion_f1, run_metrics)
 
 POOLED = "lesion_f1_pooled"

@@ -6,7 +6,7 @@ scores the same predictions against the same references with one of :data:`~nnun
 through :func:`~nnunetv2_ohem.evaluation.api.evaluate_folders`, so its ``aggregate`` and ``cases`` are exactly
 what ``nnunetv2_ohem_evaluate KIND -ref REF -pred validation -o metrics.json`` writes, where ``REF`` holds the
 ``gt_segmentations`` files of the validation cases (``gt_segmentations`` holds every training case; the fold
-validates a fifth of them). ``metrics`` are the run-level numbers of :func:`nnunetv2_ohem.compare.metrics.run_metrics`
+validates a fifth of them). ``metrics`` are the run-level numbers of :func:`nnunetv2_ohem.evaluation.run_metrics.run_metrics`
 (the columns ``nnunetv2_ohem_compare`` reports); a number that is undefined for this fold (lesion F1 of a
 fold without lesions, FP per lesion-free case of a fold without lesion-free cases) is ``null`` and its reason
 is in ``absent``.
@@ -27,6 +27,7 @@ import pandas as pd
 
 from nnunetv2_ohem.evaluation.api import KINDS, evaluate_folders, json_safe
 from nnunetv2_ohem.evaluation.lesions import EvaluationError
+from nnunetv2_ohem.evaluation.run_metrics import run_metrics
 
 #: written next to nnU-Net's ``validation/summary.json``
 LESIONWISE_FILE = "summary_lesionwise.json"
@@ -176,8 +177,6 @@ def lesionwise_validation(family: str, gt_dir: str, pred_dir: str, file_ending: 
     -o`` writes them). Raises :class:`EvaluationError` on anything it cannot score (missing reference,
     geometry mismatch, labels outside the family's convention, ...).
     """
-    from nnunetv2_ohem.compare.metrics import run_metrics
-
     check_family(family)
     options = default_options(family, {}) if options is None else options
     cases = validation_cases(pred_dir, file_ending)
