@@ -35,7 +35,7 @@ def _slurm_minutes(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunetv2_ohem.compare.engine import DEFAULT_TRAINERS, LAUNCHERS
+    from nnunetv2_ohem.compare.defaults import DEFAULT_TRAINERS, LAUNCHERS
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train nnU-Net trainers over folds and training seeds with stock nnUNetv2_train, evaluate "
@@ -57,21 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: each trainer's own)")
     p.add_argument("--iterations", type=int, default=None,
                    help="iterations per epoch (default: each trainer's own)")
-    p.add_argument("--metric", choices=("msseg2", "valdo", "brats", "segmentation"), default="msseg2")
+    p.add_argument("--metric", choices=("msseg2", "valdo", "brats", "segmentation"), default="msseg2",
+                   help="challenge metric family used to score each fold (see nnunetv2_ohem_evaluate)")
     p.add_argument("--test", default=None, metavar="IMAGES_DIR",
                    help="evaluate nnUNetv2_predict on these held-out images instead of the validation folds")
     p.add_argument("--test_labels", default=None, metavar="LABELS_DIR", help="labels of --test")
     p.add_argument("--disable_tta", action="store_true", help="passed to nnUNetv2_predict (--test only)")
     p.add_argument("--num_processes", type=int, default=3, help="nnUNetv2_predict -npp/-nps (--test only)")
     p.add_argument("-o", dest="out", required=True, help="output folder (runs, results.csv, summary.md, ...)")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cuda")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cuda",
+                   help="passed to nnUNetv2_train and nnUNetv2_predict")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time (local launcher)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="local: here; slurm: one SLURM job per run through submitit; submitit_local: the slurm "
                         "code path with submitit's local executor (try a setup on one machine)")
-    p.add_argument("--slurm_partition", default=None)
-    p.add_argument("--slurm_gpus_per_node", type=int, default=1)
-    p.add_argument("--slurm_cpus_per_task", type=int, default=8)
+    p.add_argument("--slurm_partition", default=None, help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--slurm_gpus_per_node", type=int, default=1, help="GPUs per SLURM job (one run per job)")
+    p.add_argument("--slurm_cpus_per_task", type=int, default=8,
+                   help="CPUs per SLURM job (nnU-Net's data-loading workers need them)")
     p.add_argument("--slurm_time", type=_slurm_minutes, default=24 * 60,
                    help="time limit per run: minutes or H:MM:SS / D-HH:MM:SS")
     p.add_argument("--rerun", action="store_true",

@@ -47,14 +47,12 @@ import pandas as pd
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.cli_common import UsageError, UserError
 from nnunetv2_ohem.compare import trainers as wrap
+from nnunetv2_ohem.compare.defaults import DEFAULT_TRAINERS, LAUNCHERS
 from nnunetv2_ohem.evaluation.run_metrics import FAMILIES, run_metrics
 from nnunetv2_ohem.demo.pipeline import console_script
 from nnunetv2_ohem.demo.study import equal_time_epochs, parse_epoch_times
 
-DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling_033", "nnUNetTrainerDiceTopK10Loss",
-                    "nnUNetTrainerOHEMEMA")
 BUDGET_CHOICES = {"iterations": ("iterations",), "time": ("time",), "both": ("iterations", "time")}
-LAUNCHERS = ("local", "slurm", "submitit_local")
 RECORD = "run.json"
 _SCHEDULE_RE = re.compile(r"nnunetv2_ohem_compare: \S+ with (\d+) epochs x (\d+) iterations")
 
