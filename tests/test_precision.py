@@ -1,4 +1,4 @@
-"""Mixed-precision / BTRSeg trainers (issue 6): precision is real, GroupNorm resolves, region Dice loss, lr
+"""Mixed-precision / BTRSeg trainers: precision is real, GroupNorm resolves, region Dice loss, lr
 schedule, BTRSeg normalisation, plans, and one stock-CLI train + predict on a BraTS-like region phantom."""
 import glob
 import os

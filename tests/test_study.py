@@ -1,4 +1,4 @@
-"""The study (issue 10 §3): confidence intervals, the equal-wall-time budget, summary vs results.csv.
+"""The study: confidence intervals, the equal-wall-time budget, summary vs results.csv.
 No training here: the runs are replaced by a fake that writes what a finished run writes."""
 import json
 import math

@@ -1,6 +1,6 @@
 """``nnunetv2_ohem_demo``: phantoms -> conversion -> plans -> training per method -> prediction -> metrics ->
 report.html, all inside ``--out``. Reruns reuse finished steps; ``--fresh`` starts over. ``--study`` runs the
-method comparison of issue 10 §3 instead (see ``nnunetv2_ohem.demo.study``)."""
+multi-seed method comparison instead (see ``nnunetv2_ohem.demo.study``)."""
 import argparse
 import sys
 from typing import List, Optional

@@ -1,4 +1,4 @@
-"""The study (issue 10 §3): the OHEM-EMA paper's comparison on MSSEG-II-like phantoms.
+"""The study: the OHEM-EMA paper's comparison on MSSEG-II-like phantoms.
 
 Schmidt-Mengin et al. (MSSEG-II 2021) compare, at equal training time, plain training, "uniform p"
 oversampling, OHEM (μ = 0) and OHEM-EMA (μ > 0), and find OHEM-EMA no better than oversampling, suspecting the

@@ -1,1 +1,1 @@
-"""Losses building blocks (see DESIGN.md §1)."""
+"""Losses building blocks (pure modules: nothing here imports a trainer)."""

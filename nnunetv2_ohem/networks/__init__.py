@@ -1,1 +1,1 @@
-"""Networks building blocks (see DESIGN.md §1)."""
+"""Networks building blocks (pure modules: nothing here imports a trainer)."""

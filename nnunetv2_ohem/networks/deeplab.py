@@ -10,8 +10,8 @@ References
 * Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation", arXiv:1706.05587 (DeepLabv3:
   ASPP = 1×1 conv + three 3×3 atrous convs (rates 6, 12, 18 at output stride 16, doubled at output stride 8)
   + image-level pooling → 1×1 conv → up-sample; concatenated, 1×1 projection).
-* ``seeds/deeplab-heart-mri-slides.txt``: DeepLabv3 beat DeepLabv2 on heart MRI thanks to the image-level
-  (global average pooling) branch.
+* an unpublished heart-MRI slide deck ("DeepLabv2 and DeepLabv3: our implementation", not part of this
+  repository): DeepLabv3 beat DeepLabv2 on heart MRI thanks to the image-level (global average pooling) branch.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Type, Union
