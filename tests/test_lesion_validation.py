@@ -199,9 +199,10 @@ def test_unknown_family_fails_at_construction():
 
 
 def test_our_trainer_families_include_the_mixin():
-    from nnunetv2_ohem.training import blob, deeplab, ema, precision
+    from nnunetv2_ohem.training import blob, deeplab, ema, ohem, ohem_blob, precision
     for cls in (blob.nnUNetTrainerBlobLoss, deeplab.nnUNetTrainerDeepLabV3, precision.PrecisionTrainer,
-                ema.nnUNetTrainerEMA, ema.nnUNetTrainerBlobLossEMA, ema.nnUNetTrainerBF16EMA):
+                ema.nnUNetTrainerEMA, ema.nnUNetTrainerBlobLossEMA, ema.nnUNetTrainerBF16EMA,
+                ohem.nnUNetTrainerOHEMEMA, ohem.nnUNetTrainerOHEMEMA_Paper, ohem_blob.nnUNetTrainerOHEMEMA_BlobLoss):
         assert issubclass(cls, LesionValidationMixin), cls
         # the EMA swap wraps nnU-Net's validation, the lesion-wise scoring follows it, exactly once
         assert cls.__mro__.count(LesionValidationMixin) == 1

@@ -178,14 +178,50 @@ def test_checkpoint_roundtrip_restores_miner_and_online_exactly(tiny_dataset, tr
     assert os.path.dirname(calls[0]) == str(tmp_path) and calls[0] != path   # written under a temporary name
     assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ck.pth"]
 
-    # a plain nnU-Net checkpoint: warn, miner := online
-    del ck["ohem_ema"]
+    # the format before the weight-EMA mixin: miner (and exported online) weights inside ``ohem_ema``
+    legacy = dict(ck)
+    online_w = legacy["weight_ema"]["online_weights"]
+    del legacy["weight_ema"]
+    legacy["ohem_ema"] = {**ck["ohem_ema"], "ohem_step": 7, "miner_weights": ck["network_weights"],
+                          "online_weights": online_w, "weights_exported": True}
+    torch.save(legacy, path)
+    leg = make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEMEMA_ExportEMA_Debug, start=False)
+    leg.load_checkpoint(path)
+    assert leg.ohem_step == 7
+    for k, v in leg.miner.state_dict().items():
+        assert torch.equal(v, tr.miner.state_dict()[k])
+    for k, v in unwrap_model(leg.network).state_dict().items():
+        assert torch.equal(v, online_w[k])
+
+    # a plain nnU-Net checkpoint: warn, miner := online, schedule position = the epoch's first step
+    del ck["ohem_ema"], ck["weight_ema"]
+    ck["current_epoch"] = 1
     torch.save(ck, path)
     old = make_trainer(tiny_dataset, ohem.nnUNetTrainerOHEMEMA_Debug, start=False)
-    with pytest.warns(UserWarning, match="no OHEM miner state"):
+    with pytest.warns(UserWarning, match="no weight-EMA state"):
         old.load_checkpoint(path)
+    assert old.ohem_step == old.num_iterations_per_epoch
     for k, v in old.miner.state_dict().items():
         assert torch.equal(v, unwrap_model(old.network).state_dict()[k])
+
+
+def test_miner_is_the_weight_ema_with_ohem_defaults():
+    from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss
+    from nnunetv2_ohem.training.ema import EMAMixin
+    from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
+    from nnunetv2_ohem.training.ohem_blob import nnUNetTrainerOHEMEMA_BlobLoss
+    base = ohem.nnUNetTrainerOHEMEMA
+    assert (base.ema_momentum, base.ema_warmup, base.ema_validate, base.ema_select_best, base.ema_export) == \
+        (0.99, False, False, False, False)
+    assert ohem.nnUNetTrainerOHEM.ema_momentum == 0.0
+    exp = ohem.nnUNetTrainerOHEMEMA_ExportEMA
+    assert exp.ema_export and exp.ema_validate and not exp.ema_select_best
+    assert not hasattr(base, "export_ema_weights")
+    mro = nnUNetTrainerOHEMEMA_BlobLoss.__mro__
+    for mixin in (EMAMixin, LesionValidationMixin):
+        assert mro.count(mixin) == 1
+    # OHEM's train_step wraps the EMA update, which wraps the blob trainer's and nnU-Net's step
+    assert mro.index(base) < mro.index(EMAMixin) < mro.index(nnUNetTrainerBlobLoss) < mro.index(LesionValidationMixin)
 
 
 def test_ohem_mu_zero_miner_equals_online_after_step(tiny_dataset, monkeypatch):
@@ -310,7 +346,12 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
                        "fold_0")
     final = os.path.join(out, "checkpoint_final.pth")
     ck = torch.load(final, weights_only=False)
-    assert set(ck["ohem_ema"]["miner_weights"]) == set(ck["network_weights"])
+    assert set(ck["weight_ema"]["ema_weights"]) == set(ck["network_weights"])
+    # one EMA update per optimiser step: 5 warm-up, 4 mining, 1 plain
+    assert ck["weight_ema"]["num_updates"] == 10 and ck["weight_ema"]["momentum"] == 0.99
+    assert "miner_weights" not in ck["ohem_ema"]
+    lesionwise = json.load(open(os.path.join(out, "validation", "summary_lesionwise.json")))
+    assert lesionwise["trainer"] == name and lesionwise["family"] == "msseg2"
     logging = ck["logging"]
     assert len(logging["ohem_error_selected"]) == 2
     # the default schedule over 2 x 5 steps: warm-up = steps 0-4 (plain nnU-Net), mining = steps 5-8, step 9 plain
@@ -331,8 +372,8 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
          "-device", "cpu", "--c"])
     ck2 = torch.load(final, weights_only=False)
     assert ck2["ohem_ema"]["ohem_step"] == 10
-    for k, v in ck["ohem_ema"]["miner_weights"].items():
-        assert torch.equal(v, ck2["ohem_ema"]["miner_weights"][k])
+    for k, v in ck["weight_ema"]["ema_weights"].items():
+        assert torch.equal(v, ck2["weight_ema"]["ema_weights"][k])
 
     # one test case is enough to prove stock predict rebuilds the net and loads the weights
     import shutil

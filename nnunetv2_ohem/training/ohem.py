@@ -17,10 +17,8 @@ the selected sub-batch (data and every deep-supervision target) to nnU-Net's own
 own loader. Everything else (network, augmentation, loss, poly LR, validation, inference) stays nnU-Net's.
 Knobs are class attributes; subclass to change them. See ``docs/ohem.md``.
 """
-import copy
 import json
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -41,7 +39,7 @@ from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
-from nnunetv2_ohem.mining.ema import ema_update_, unwrap_model
+from nnunetv2_ohem.mining.ema import unwrap_model
 from nnunetv2_ohem.mining.errors import RANKING_ERRORS, has_foreground, per_sample_error
 from nnunetv2_ohem.mining.schedule import is_mining_step, mining_window
 from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_to_multiple, targets_for_outputs,
@@ -49,6 +47,8 @@ from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_t
 from nnunetv2_ohem.mining.selection import hard_count, select_hard_and_random, select_top_b, selection_recall
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet
 from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.ema import EMAMixin
+from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
 
 #: per-epoch diagnostics, registered in nnU-Net's logger (one value per epoch each)
@@ -116,7 +116,7 @@ class _ScheduledLoader:
             self.trainer.winner_augmenter.close()
 
 
-class nnUNetTrainerOHEMEMA(nnUNetTrainer):
+class nnUNetTrainerOHEMEMA(EMAMixin, LesionValidationMixin, nnUNetTrainer):
     """OHEM with an EMA miner on top of stock nnU-Net (its network, plans, augmentation, DC+CE, poly LR).
 
     B = the plan's batch size (per GPU under DDP), B̄ = ``candidate_factor``·B candidates per mining step.
@@ -140,9 +140,13 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
     #: chunks of B or 2·B both peak at 1.38x plain training's memory (the B̄ batch itself), 2·B is 1.3x
     #: faster; one chunk of B̄ is faster still but peaks at 2x. See docs/ohem.md.
     miner_chunk_size: Optional[int] = None
-    #: write the EMA (miner) weights as the checkpoint's ``network_weights`` so stock nnUNetv2_predict
-    #: uses the smoothed model (the online weights are kept in the checkpoint for ``--c``).
-    export_ema_weights: bool = False
+    #: the miner is the EMAMixin's weight EMA (``self.ema_model``), updated once after every optimiser step:
+    #: Algorithm 1's constant μ from w̄_0 = w_0 (no warm-up ramp); validation, ``checkpoint_best`` and the
+    #: exported ``network_weights`` are the online net's unless a variant sets the knobs (``_ExportEMA``)
+    ema_warmup: bool = False
+    ema_validate: bool = False
+    ema_select_best: bool = False
+    ema_export: bool = False
 
     #: "crops": B̄ un-augmented centre crops are scored, only the B winners get nnU-Net's augmentation
     #: (nnunetv2_ohem.training.ohem_crops); "augmented": B̄ nnU-Net-augmented patches are scored (k× the
@@ -182,8 +186,6 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
                              f"got {self.ranking_error!r}")
         if int(self.candidate_factor) < 1:
             raise ValueError(f"candidate_factor must be >= 1, got {self.candidate_factor}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
         if self.ohem_candidates not in CANDIDATE_MODES:
             raise ValueError(f"ohem_candidates must be one of {CANDIDATE_MODES}, got {self.ohem_candidates!r}")
         if self.ohem_score_dtype not in SCORE_DTYPES:
@@ -237,9 +239,9 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
-        # w̄_0 = w_0 (Algorithm 1); the miner is a plain module (no DDP/compile wrapper): it is never
-        # trained, and every rank computes the same EMA from identical online weights.
-        self.miner = copy.deepcopy(unwrap_model(self.network)).requires_grad_(False)
+        # w̄_0 = w_0 (Algorithm 1): the miner is the mixin's EMA network, a plain module (no DDP/compile
+        # wrapper) that is never trained; every rank computes the same EMA from identical online weights
+        self.miner = self.ema_model
         self.miner.train(self.miner_train_mode)
         if self.ohem_score_channels_last:
             self.miner.to(memory_format=self._channels_last_format())
@@ -255,7 +257,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
             f"{self.candidate_foreground_percent}, ranking error={self.ranking_error}, scoring "
             f"{asdict(self.scoring_options)}, miner {'train' if self.miner_train_mode else 'eval'} mode, "
             f"mining steps [{start}, {end}) of {self.num_epochs * self.num_iterations_per_epoch}, hardest "
-            f"{self.num_hard} of B, export EMA weights={self.export_ema_weights}")
+            f"{self.num_hard} of B, export EMA weights={self.ema_export}")
 
     def _channels_last_format(self):
         return torch.channels_last_3d if len(self.configuration_manager.patch_size) == 3 else torch.channels_last
@@ -413,10 +415,10 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
 
     # ------------------------------------------------------------------ steps
     def _plain_step(self, batch: dict) -> dict:
-        """Warm-up / after-mining step: nnU-Net's batch and train step, no miner forward; the EMA tracks."""
+        """Warm-up / after-mining step: nnU-Net's batch and train step, no miner forward; the EMA tracks
+        (the mixin's ``train_step`` updates it after nnU-Net's)."""
         self._prefetched = None  # winners prefetched by the last mining step are not trained
         result = super().train_step(batch)
-        ema_update_(self.miner, self.network, self.ema_momentum)
         result.update({k: float("nan") for k in OHEM_LOG_KEYS})
         result["ohem_mining_fraction"] = 0.0
         return result
@@ -470,8 +472,7 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
         else:
             trained = {"data": data[idx], "target": [t[idx] for t in target] if isinstance(target, list)
                        else target[idx]}
-        result = super().train_step(trained)
-        ema_update_(self.miner, self.network, self.ema_momentum)
+        result = super().train_step(trained)  # the mixin's: nnU-Net's step, then one EMA update
 
         regions, ignore = self.label_manager.has_regions, self.label_manager.ignore_label
         fg = has_foreground(target[0] if isinstance(target, list) else target, regions,
@@ -553,45 +554,21 @@ class nnUNetTrainerOHEMEMA(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _ohem_state(self) -> dict:
-        return {"miner_weights": unwrap_model(self.miner).state_dict(),
-                "weights_exported": bool(self.export_ema_weights), "ohem_step": int(self.ohem_step),
-                "generator_state": self.ohem_generator.get_state(), **self._settings()}
+        return {"ohem_step": int(self.ohem_step), "generator_state": self.ohem_generator.get_state(),
+                **self._settings()}
 
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``ohem_ema`` (miner weights, schedule position, selection RNG, settings);
-        written under a temp name and renamed so a hard kill never leaves a checkpoint without miner state."""
-        if self.local_rank != 0 or self.disable_checkpointing or self.miner is None:
-            return super().save_checkpoint(filename)
-        with atomic_path(filename) as tmp:
-            super().save_checkpoint(tmp)
-            checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
-            state = self._ohem_state()
-            if self.export_ema_weights:
-                state["online_weights"] = checkpoint["network_weights"]
-                checkpoint["network_weights"] = state["miner_weights"]
-            checkpoint["ohem_ema"] = state
-            torch.save(checkpoint, tmp)
+    def checkpoint_extras(self) -> dict:
+        """``ohem_ema``: schedule position, selection RNG, settings; the miner weights are the mixin's
+        ``weight_ema`` entry, written in the same atomic save."""
+        return {**super().checkpoint_extras(), "ohem_ema": self._ohem_state()}
 
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        state = checkpoint.get("ohem_ema")
-        online = unwrap_model(self.network)
-        if state is None:
-            warnings.warn(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'} "
-                          f"has no OHEM miner state: initialising the miner from the online weights")
-            self.print_to_log_file("WARNING: checkpoint without OHEM miner state; miner := online network")
-            self.miner.load_state_dict(online.state_dict())
-            self.ohem_step = self.current_epoch * self.num_iterations_per_epoch
-        else:
-            if "online_weights" in state:
-                online.load_state_dict(state["online_weights"])
-            self.miner.load_state_dict(state["miner_weights"])
-            # older checkpoints: nnU-Net checkpoints at epoch ends, so the step is the epoch's first
-            self.ohem_step = int(state.get("ohem_step", self.current_epoch * self.num_iterations_per_epoch))
-            if "generator_state" in state:
-                self.ohem_generator.set_state(state["generator_state"].cpu())
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        super().load_checkpoint_extras(checkpoint)
+        state = checkpoint.get("ohem_ema") or {}
+        # older checkpoints and plain nnU-Net ones: nnU-Net checkpoints at epoch ends, so the step is the epoch's first
+        self.ohem_step = int(state.get("ohem_step", self.current_epoch * self.num_iterations_per_epoch))
+        if "generator_state" in state:
+            self.ohem_generator.set_state(state["generator_state"].cpu())
         self._prefetched = None  # not checkpointed: the first mining step after a resume refills the pipeline
         self._register_log_keys()
 
@@ -647,8 +624,10 @@ class nnUNetTrainerOHEMEMA_DiceMining(nnUNetTrainerOHEMEMA):
 
 class nnUNetTrainerOHEMEMA_ExportEMA(nnUNetTrainerOHEMEMA):
     """As nnUNetTrainerOHEMEMA, but checkpoints carry the EMA weights as ``network_weights`` so stock
-    ``nnUNetv2_predict`` predicts with the smoothed model."""
-    export_ema_weights = True
+    ``nnUNetv2_predict`` predicts with the smoothed model; the final validation (and its lesion-wise summary)
+    scores that same model, so ``validation/`` describes what is exported."""
+    ema_export = True
+    ema_validate = True
 
 
 class nnUNetTrainerOHEMEMA_Classic(nnUNetTrainerOHEMEMA):

@@ -28,10 +28,11 @@ class nnUNetTrainerOHEMEMA_BlobLoss(nnUNetTrainerOHEMEMA, nnUNetTrainerBlobLoss)
     """OHEM-EMA candidates ranked by, and the top B trained with, the blob loss.
 
     MRO: OHEM's ``train_step`` / ``validation_step`` / ``get_dataloaders`` wrap the blob trainer's (instance
-    transforms, NaN check, packed-target validation), which wrap nnU-Net's. Knobs of both parents apply
-    (``candidate_factor``, ``ema_momentum``, ``ranking_error`` = kind of the *global* ranking term;
-    ``nnUNet_blob_alpha`` / ``nnUNet_blob_beta`` / ``nnUNet_blob_connectivity``); ``mining_alpha`` /
-    ``mining_beta`` (None = the training alpha/beta) weigh the ranking terms.
+    transforms, NaN check, packed-target validation), which wrap nnU-Net's; ``EMAMixin`` sits between the two
+    (one miner update after each blob-loss step), ``LesionValidationMixin`` comes once, after the blob
+    trainer. Knobs of both parents apply (``candidate_factor``, ``ema_momentum``, ``ranking_error`` = kind of
+    the *global* ranking term; ``nnUNet_blob_alpha`` / ``nnUNet_blob_beta`` / ``nnUNet_blob_connectivity``);
+    ``mining_alpha`` / ``mining_beta`` (None = the training alpha/beta) weigh the ranking terms.
     """
 
     mining_alpha: Optional[float] = None
