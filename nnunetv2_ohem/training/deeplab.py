@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_ohem.networks.deeplab import DeepLab
 from nnunetv2_ohem.training.common import with_training_length
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
+from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
 
 def deeplab_kwargs_from_plans(arch_kwargs: dict, arch_kwargs_req_import, aspp_version: str,
@@ -119,23 +119,17 @@ def constant_then_poly_lr(step: int, max_steps: int, initial_lr: float, constant
     return initial_lr * max(0.0, 1 - (step - constant_steps) / (max_steps - constant_steps)) ** exponent
 
 
-class ConstantThenPolyLRScheduler(PolyLRScheduler):
+class ConstantThenPolyLRScheduler(EpochFunctionLRScheduler):
     """nnU-Net's per-epoch PolyLRScheduler with a constant first phase (:func:`constant_then_poly_lr`)."""
 
     def __init__(self, optimizer, initial_lr: float, max_steps: int, constant_steps: int, exponent: float = 0.9,
                  current_step: Optional[int] = None):
+        self.initial_lr, self.max_steps, self.exponent = initial_lr, max_steps, exponent
         self.constant_steps = constant_steps
-        super().__init__(optimizer, initial_lr, max_steps, exponent, current_step)
+        super().__init__(optimizer, current_step=current_step)
 
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        lr = constant_then_poly_lr(current_step, self.max_steps, self.initial_lr, self.constant_steps,
-                                   self.exponent)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
+    def lr_at(self, step: int) -> float:
+        return constant_then_poly_lr(step, self.max_steps, self.initial_lr, self.constant_steps, self.exponent)
 
 
 class nnUNetTrainerDeepLabV3_SlidesSchedule(nnUNetTrainerDeepLabV3):

@@ -50,6 +50,7 @@ from nnunetv2_ohem.training.common import with_training_length
 from nnunetv2_ohem.training.ema import EMAMixin
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
+from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
 #: per-epoch diagnostics, registered in nnU-Net's logger (one value per epoch each)
 OHEM_LOG_KEYS = ("ohem_error_candidates", "ohem_error_selected", "ohem_fg_fraction_candidates",
@@ -645,8 +646,15 @@ class nnUNetTrainerOHEMEMA_NoSchedule(nnUNetTrainerOHEMEMA):
     ohem_hard_fraction = 1.0
 
 
-class StepFractionLRScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """``lr = lr0 · γ^m`` where m = number of milestones (fractions of ``max_steps``) already reached.
+def step_fraction_lr(step: int, max_steps: int, initial_lr: float, milestones=(0.5, 0.8),
+                     gamma: float = 0.1) -> float:
+    """``lr = lr0 · γ^m`` where m = number of milestones (fractions of ``max_steps``) already reached."""
+    reached = sum(step >= m * max_steps for m in milestones)
+    return initial_lr * gamma ** reached
+
+
+class StepFractionLRScheduler(EpochFunctionLRScheduler):
+    """:func:`step_fraction_lr` per epoch.
 
     The paper: 1e-3, ×0.1 at 50 % and again at 80 % of training. ``step(current_step)`` like nnU-Net's
     ``PolyLRScheduler`` (called once per epoch with the epoch index).
@@ -655,19 +663,10 @@ class StepFractionLRScheduler(torch.optim.lr_scheduler.LRScheduler):
     def __init__(self, optimizer, initial_lr: float, max_steps: int, milestones=(0.5, 0.8), gamma: float = 0.1,
                  current_step: Optional[int] = None):
         self.initial_lr, self.max_steps, self.milestones, self.gamma = initial_lr, max_steps, tuple(milestones), gamma
-        self.ctr = 0
-        super().__init__(optimizer, current_step if current_step is not None else -1)
+        super().__init__(optimizer, current_step=current_step)
 
     def lr_at(self, step: int) -> float:
-        reached = sum(step >= m * self.max_steps for m in self.milestones)
-        return self.initial_lr * self.gamma ** reached
-
-    def step(self, current_step: Optional[int] = None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(current_step)
+        return step_fraction_lr(step, self.max_steps, self.initial_lr, self.milestones, self.gamma)
 
 
 class nnUNetTrainerOHEMEMA_Paper(nnUNetTrainerOHEMEMA):

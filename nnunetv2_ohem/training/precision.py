@@ -25,7 +25,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm, get_matching_instancenorm
 from torch import nn
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -36,6 +35,7 @@ from nnunetv2_ohem.networks.norms import GROUPNORM_DOTTED_NAME
 from nnunetv2_ohem.preprocessing.btrseg import attach_extension_preprocessor
 from nnunetv2_ohem.training.common import with_training_length
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
+from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CPU_FP16_ENV = "nnUNet_ohem_cpu_fp16"
@@ -193,27 +193,17 @@ def exponential_decay_lr(initial_lr: float, gamma: float, epoch: int) -> float:
     return initial_lr * gamma ** epoch
 
 
-class ExponentialDecayLRScheduler(_LRScheduler):
-    """Per-epoch exponential decay, stepped like nnU-Net's ``PolyLRScheduler`` (``step(current_epoch)``), so a
-    resumed run gets the same lr from the epoch counter alone."""
+class ExponentialDecayLRScheduler(EpochFunctionLRScheduler):
+    """Per-epoch exponential decay (:func:`exponential_decay_lr`), stepped like nnU-Net's ``PolyLRScheduler``
+    (``step(current_epoch)``), so a resumed run gets the same lr from the epoch counter alone."""
 
     def __init__(self, optimizer, initial_lr: float, gamma: float = 0.985, current_step: Optional[int] = None):
         self.initial_lr = initial_lr
         self.gamma = gamma
-        self.ctr = 0
-        super().__init__(optimizer, current_step if current_step is not None else -1)
+        super().__init__(optimizer, current_step=current_step)
 
-    def step(self, current_step: Optional[int] = None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        new_lr = exponential_decay_lr(self.initial_lr, self.gamma, current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = new_lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def get_last_lr(self):
-        return self._last_lr
+    def lr_at(self, step: int) -> float:
+        return exponential_decay_lr(self.initial_lr, self.gamma, step)
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
