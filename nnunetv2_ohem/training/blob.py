@@ -24,7 +24,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2_ohem.losses.blob import BlobLoss, split_packed_target
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import trainer_settings, with_training_length
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.transforms.instances import InstanceMapTransform
 
@@ -154,18 +154,13 @@ RANGER21_MISSING = ("nnUNetTrainerBlobLoss_VALDO needs the optional package 'ran
                     "or pip install ranger21")
 
 
+@trainer_settings(initial_lr=1e-3, oversample_foreground_percent=0.95)
 class nnUNetTrainerBlobLoss_VALDO(nnUNetTrainerBlobLoss):
     """The VALDO 2021 lacune submission (Kofler et al.): alpha 0.66 / beta 0.33 blob loss over equally weighted
     Dice + BCE, Mish, dropout 0.1, Ranger21 at lr 1e-3, 95 % foreground-centred patches."""
 
     blob_alpha = 0.66
     blob_beta = 0.33
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3
-        self.oversample_foreground_percent = 0.95
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -31,3 +31,33 @@ def with_training_length(base: Type[T], name: str, num_epochs: int, num_iteratio
         # like namedtuple: the defining module is the caller's, so pickling and repr point to it
         "__module__": sys._getframe(1).f_globals.get("__name__", base.__module__),
     })
+
+
+def trainer_settings(**settings):
+    """Class decorator: set these instance attributes right after nnU-Net's ``__init__`` has run.
+
+    nnU-Net sets ``initial_lr``, ``weight_decay``, ``num_epochs``, ``oversample_foreground_percent``,
+    ``enable_deep_supervision``... in ``nnUNetTrainer.__init__``, so a class attribute would be overwritten; a
+    variant states them here instead of overriding ``__init__``. The merged settings of a class and its
+    decorated bases are its ``trainer_settings`` attribute.
+    """
+
+    def decorate(cls: Type[T]) -> Type[T]:
+        own_init = cls.__dict__.get("__init__")
+
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")):
+            if own_init is not None:
+                own_init(self, plans, configuration, fold, dataset_json, device)
+            else:
+                super(cls, self).__init__(plans, configuration, fold, dataset_json, device)
+            for key, value in settings.items():
+                setattr(self, key, value)
+
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__module__ = cls.__module__
+        cls.__init__ = __init__
+        cls.trainer_settings = {**getattr(cls, "trainer_settings", {}), **settings}
+        return cls
+
+    return decorate

@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_ohem.networks.deeplab import DeepLab
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import trainer_settings, with_training_length
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
@@ -58,17 +58,13 @@ def build_deeplab(configuration_manager: ConfigurationManager, num_input_channel
                                                aspp_version, output_stride))
 
 
+# a single output: nnU-Net's loss then skips its DeepSupervisionWrapper and the loader its target pyramid
+@trainer_settings(enable_deep_supervision=False)
 class nnUNetTrainerDeepLabV3(LesionValidationMixin, nnUNetTrainer):
     """DeepLabv3 (ASPP with image-level pooling, output stride 16) on nnU-Net's pipeline, no deep supervision.
 
     Everything else (SGD lr 1e-2 + poly, Dice+CE, augmentation, sliding-window inference) is nnU-Net's.
     """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        # a single output: nnU-Net's loss then skips its DeepSupervisionWrapper and the loader its target pyramid
-        self.enable_deep_supervision = False
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -132,18 +128,13 @@ class ConstantThenPolyLRScheduler(EpochFunctionLRScheduler):
         return constant_then_poly_lr(step, self.max_steps, self.initial_lr, self.constant_steps, self.exponent)
 
 
+@trainer_settings(initial_lr=2.5e-4, weight_decay=5e-4)
 class nnUNetTrainerDeepLabV3_SlidesSchedule(nnUNetTrainerDeepLabV3):
     """DeepLabv3 with the slides' optimisation: SGD (momentum 0.9, weight decay 5e-4, DeepLab's Caffe
     defaults) at a constant lr 2.5e-4 for the first 60 % of epochs (15k of 25k iterations on the slides), then
     poly decay with power 0.9."""
 
     constant_fraction = 0.6
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 2.5e-4
-        self.weight_decay = 5e-4
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,

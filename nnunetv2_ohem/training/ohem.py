@@ -46,7 +46,7 @@ from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_t
                                           total_stride)
 from nnunetv2_ohem.mining.selection import hard_count, select_hard_and_random, select_top_b, selection_recall
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import trainer_settings, with_training_length
 from nnunetv2_ohem.training.ema import EMAMixin
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
@@ -669,6 +669,7 @@ class StepFractionLRScheduler(EpochFunctionLRScheduler):
         return step_fraction_lr(step, self.max_steps, self.initial_lr, self.milestones, self.gamma)
 
 
+@trainer_settings(initial_lr=1e-3, weight_decay=0.0, num_epochs=120, enable_deep_supervision=False)
 class nnUNetTrainerOHEMEMA_Paper(nnUNetTrainerOHEMEMA):
     """Seed-exact configuration: paper U-Net (B16-32-64, GroupNorm+ReLU, upsampling), Dice loss for mining
     and training, B̄ = 4·B (128/32 with the paper plans), 30 % foreground candidates, Adam 1e-3 → 1e-4 at
@@ -690,14 +691,6 @@ class nnUNetTrainerOHEMEMA_Paper(nnUNetTrainerOHEMEMA):
     ohem_score_downsample = 1
     ohem_score_dtype = None
     ohem_score_deep_supervision = True
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3
-        self.weight_decay = 0.0
-        self.num_epochs = 120
-        self.enable_deep_supervision = False
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
