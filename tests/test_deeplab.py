@@ -346,7 +346,7 @@ def test_nnunet_finds_every_deeplab_trainer_by_name():
     names = [n for n in dir(mod) if n.startswith("nnUNetTrainer") and getattr(mod, n).__module__ == mod.__name__]
     assert sorted(names) == sorted(["nnUNetTrainerDeepLabV3", "nnUNetTrainerDeepLabV2",
                                     "nnUNetTrainerDeepLabV3_SlidesSchedule", "nnUNetTrainerDeepLabV3_Debug",
-                                    "nnUNetTrainerDeepLabV3_OS8",
+                                    "nnUNetTrainerDeepLabV3_OS8", "nnUNetTrainerDeepLabV3_OS8_Debug",
                                     "nnUNetTrainerDeepLabV2_Debug", "nnUNetTrainerDeepLabV3_SlidesSchedule_Debug"])
     for name in names:
         cls = recursive_find_trainer_class_by_name(name)

@@ -357,24 +357,24 @@ def test_overwrite_refuses_foreign_folders_and_replaces_own(tmp_path, capsys):
     src = str(tmp_path / "src")
     make_msseg2(src)
     raw = tmp_path / "raw"
-    target = raw / "Dataset985_MSSEG2"
+    target = raw / "Dataset979_MSSEG2"
     target.mkdir(parents=True)
     (target / "dataset.json").write_text(json.dumps({"name": "mine"}))   # e.g. a hand-made nnU-Net dataset
     (target / "notes.txt").write_text("my notes")
     before = tree_hash(str(target))
-    assert convert_cli.main(["msseg2", src, "-d", "985", "-o", str(raw), "--overwrite"]) == 1
+    assert convert_cli.main(["msseg2", src, "-d", "979", "-o", str(raw), "--overwrite"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0] and "not written by this converter" in err[0]
     assert "remove it yourself or choose another -d" in err[0]
-    assert tree_hash(str(target)) == before and os.listdir(raw) == ["Dataset985_MSSEG2"]
+    assert tree_hash(str(target)) == before and os.listdir(raw) == ["Dataset979_MSSEG2"]
 
     shutil.rmtree(target)
-    assert convert_cli.main(["msseg2", src, "-d", "985", "-o", str(raw)]) == 0
+    assert convert_cli.main(["msseg2", src, "-d", "979", "-o", str(raw)]) == 0
     meta = json.loads((target / "dataset.json").read_text())
     assert meta["converted_by"] == "nnunetv2_ohem_convert msseg2"
     (target / "imagesTr" / "extra_0000.nii.gz").write_bytes(b"stale")
-    assert convert_cli.main(["msseg2", src, "-d", "985", "-o", str(raw), "--overwrite"]) == 0
-    assert "extra_0000.nii.gz" not in os.listdir(target / "imagesTr") and os.listdir(raw) == ["Dataset985_MSSEG2"]
+    assert convert_cli.main(["msseg2", src, "-d", "979", "-o", str(raw), "--overwrite"]) == 0
+    assert "extra_0000.nii.gz" not in os.listdir(target / "imagesTr") and os.listdir(raw) == ["Dataset979_MSSEG2"]
 
     # brats-back output folders and phantom folders: the same rule
     pred = tmp_path / "pred"
