@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from nnunetv2_ohem import ohem_diagnostics as diagnostics
 from nnunetv2_ohem.atomic import AtomicFolder
 
 #: table column -> path into the evaluation's aggregate json (MSSEG-II challenge aggregation)
@@ -139,17 +140,16 @@ def plot_mining(diags: Dict[str, Dict], path: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 
-    def arr(d, k):
-        return np.array([np.nan if v is None else v for v in d.get(k, [])], dtype=float)
-
+    arr = diagnostics.as_array
     for i, (method, d) in enumerate(diags.items()):
         c = f"C{i}"
         e = np.asarray(d.get("epoch", []))
-        axes[0].plot(e, arr(d, "ohem_error_candidates"), "--o", ms=3, color=c, label=f"{method}: all candidates")
-        axes[0].plot(e, arr(d, "ohem_error_selected"), "-s", ms=3, color=c, label=f"{method}: selected top-B")
-        axes[1].plot(e, arr(d, "ohem_fg_fraction_candidates"), "--o", ms=3, color=c, label=f"{method}: candidates")
-        axes[1].plot(e, arr(d, "ohem_fg_fraction_selected"), "-s", ms=3, color=c, label=f"{method}: selected")
-        axes[2].plot(e, arr(d, "ohem_miner_online_disagreement"), "-o", ms=3, color=c,
+        axes[0].plot(e, arr(d, diagnostics.ERROR_CANDIDATES), "--o", ms=3, color=c, label=f"{method}: all candidates")
+        axes[0].plot(e, arr(d, diagnostics.ERROR_SELECTED), "-s", ms=3, color=c, label=f"{method}: selected top-B")
+        axes[1].plot(e, arr(d, diagnostics.FG_FRACTION_CANDIDATES), "--o", ms=3, color=c,
+                     label=f"{method}: candidates")
+        axes[1].plot(e, arr(d, diagnostics.FG_FRACTION_SELECTED), "-s", ms=3, color=c, label=f"{method}: selected")
+        axes[2].plot(e, arr(d, diagnostics.MINER_ONLINE_DISAGREEMENT), "-o", ms=3, color=c,
                      label=f"{method} (mu={d.get('ema_momentum')})")
     axes[0].set(xlabel="epoch", ylabel="ranking error", title="Mining: error of candidates vs selected")
     axes[1].set(xlabel="epoch", ylabel="share of patches with lesion", title="Mining: foreground share",
@@ -273,10 +273,9 @@ def build_report(out: str, methods: Sequence[str], training_outputs: Dict[str, s
                              + "".join(progress) + "</details>"))
         diags = {}
         for m in methods:
-            p = os.path.join(training_outputs.get(m, ""), "ohem_diagnostics.json")
-            if os.path.exists(p):
-                with open(p) as f:
-                    diags[m] = json.load(f)
+            d = diagnostics.read_diagnostics(training_outputs.get(m, ""))
+            if d is not None:
+                diags[m] = d
         if diags:
             plot_mining(diags, os.path.join(tmp, "mining_diagnostics.png"))
             sections.append(("Hard-example mining diagnostics", _img("mining_diagnostics.png", "mining diagnostics")

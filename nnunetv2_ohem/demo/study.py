@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunetv2_ohem import ohem_diagnostics as diagnostics
 from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
 from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, Paths, console_script,
                                          nnunet_env, resolve_device, run_demo, run_logged, trainer_for)
@@ -406,14 +407,13 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
     for k, method in enumerate(cfg.methods):
         for seed in cfg.seeds:
             files = glob.glob(os.path.join(_run_dir(cfg, "iterations", method, seed), "nnUNet_results", "*", "*",
-                                           "fold_0", "ohem_diagnostics.json"))
+                                           "fold_0", diagnostics.DIAGNOSTICS_FILE))
             if not files:
                 continue
-            with open(files[0]) as f:
-                d = json.load(f)
-            ax.plot(d["ohem_fg_fraction_selected"], color=f"C{k}", alpha=0.75, lw=1.2,
+            d = diagnostics.read_diagnostics(os.path.dirname(files[0]))
+            ax.plot(d[diagnostics.FG_FRACTION_SELECTED], color=f"C{k}", alpha=0.75, lw=1.2,
                     label=METHOD_LABELS.get(method, method) if not found or seed == cfg.seeds[0] else None)
-            candidates.append(d["ohem_fg_fraction_candidates"])
+            candidates.append(d[diagnostics.FG_FRACTION_CANDIDATES])
             found = True
     if found:
         n = min(len(c) for c in candidates)

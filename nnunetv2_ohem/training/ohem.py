@@ -17,8 +17,6 @@ the selected sub-batch (data and every deep-supervision target) to nnU-Net's own
 own loader. Everything else (network, augmentation, loss, poly LR, validation, inference) stays nnU-Net's.
 Knobs are class attributes; subclass to change them. See ``docs/ohem.md``.
 """
-import json
-import os
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -38,7 +36,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
+from nnunetv2_ohem import ohem_diagnostics as diagnostics
 from nnunetv2_ohem.mining.ema import unwrap_model
 from nnunetv2_ohem.mining.errors import RANKING_ERRORS, has_foreground, per_sample_error
 from nnunetv2_ohem.mining.schedule import is_mining_step, mining_window
@@ -52,10 +50,8 @@ from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
 from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
-#: per-epoch diagnostics, registered in nnU-Net's logger (one value per epoch each)
-OHEM_LOG_KEYS = ("ohem_error_candidates", "ohem_error_selected", "ohem_fg_fraction_candidates",
-                 "ohem_fg_fraction_selected", "ohem_miner_online_disagreement", "ohem_mining_fraction",
-                 "ohem_selection_recall")
+#: per-epoch diagnostics, registered in nnU-Net's logger (one value per epoch each); see :mod:`..ohem_diagnostics`
+OHEM_LOG_KEYS = diagnostics.LOG_KEYS
 CANDIDATE_MODES = ("crops", "augmented")
 SCORE_DTYPES = (None, "auto", "fp32", "bf16", "fp16")
 
@@ -544,14 +540,11 @@ class nnUNetTrainerOHEMEMA(EMAMixin, LesionValidationMixin, nnUNetTrainer):
 
     def _write_diagnostics(self) -> None:
         """``ohem_diagnostics.json`` (per-epoch values, for the demo) and ``ohem_progress.png`` next to
-        nnU-Net's ``progress.png``; both written to a temp name and renamed."""
-        logging = self.logger.local_logger.my_fantastic_logging
-        n = min(len(logging[k]) for k in OHEM_LOG_KEYS)
-        diag = {k: [None if not np.isfinite(v) else float(v) for v in logging[k][:n]] for k in OHEM_LOG_KEYS}
-        diag.update({"epoch": list(range(n)), "trainer": type(self).__name__, "batch_size": self.batch_size,
-                     "num_candidates": self.num_candidates, **self._settings()})
-        write_text_atomic(os.path.join(self.output_folder, "ohem_diagnostics.json"), json.dumps(diag, indent=1))
-        plot_ohem_diagnostics(diag, os.path.join(self.output_folder, "ohem_progress.png"))
+        nnU-Net's ``progress.png``; both written to a temp name and renamed (:mod:`..ohem_diagnostics`)."""
+        diag = diagnostics.diagnostics_from_log(
+            self.logger.local_logger.my_fantastic_logging, trainer=type(self).__name__, batch_size=self.batch_size,
+            num_candidates=self.num_candidates, **self._settings())
+        diagnostics.write_diagnostics(self.output_folder, diag)
 
     # ------------------------------------------------------------------ checkpoints
     def _ohem_state(self) -> dict:
@@ -572,40 +565,6 @@ class nnUNetTrainerOHEMEMA(EMAMixin, LesionValidationMixin, nnUNetTrainer):
             self.ohem_generator.set_state(state["generator_state"].cpu())
         self._prefetched = None  # not checkpointed: the first mining step after a resume refills the pipeline
         self._register_log_keys()
-
-
-def plot_ohem_diagnostics(diag: dict, path: str) -> None:
-    """Two panels: mean ranking error of selected vs all candidates, and foreground fraction of selected vs
-    candidates (with miner–online disagreement on a twin axis)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def arr(key):
-        return np.array([np.nan if v is None else v for v in diag[key]], dtype=float)
-
-    epochs = np.asarray(diag["epoch"])
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    ax1.plot(epochs, arr("ohem_error_candidates"), "b-", label="all candidates")
-    ax1.plot(epochs, arr("ohem_error_selected"), "r-", label="selected (top-B)")
-    ax1.set_ylabel(f"ranking error ({diag.get('ranking_error', '')})")
-    ax1.legend(loc="upper right")
-    ax2.plot(epochs, arr("ohem_fg_fraction_candidates"), "b--", label="fg fraction, candidates")
-    ax2.plot(epochs, arr("ohem_fg_fraction_selected"), "r--", label="fg fraction, selected")
-    ax2.set_ylim(-0.05, 1.05)
-    ax2.set_ylabel("fraction of patches with foreground")
-    ax2.set_xlabel("epoch")
-    ax3 = ax2.twinx()
-    ax3.plot(epochs, arr("ohem_miner_online_disagreement"), "g-", label="miner-online disagreement")
-    ax3.set_ylabel("mean |p_miner - p_online|")
-    lines = ax2.get_legend_handles_labels(), ax3.get_legend_handles_labels()
-    ax2.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right")
-    fig.suptitle(f"{diag.get('trainer', 'OHEM')}: k={diag.get('candidate_factor')}, "
-                 f"mu={diag.get('ema_momentum')}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 class nnUNetTrainerOHEM(nnUNetTrainerOHEMEMA):
