@@ -1,7 +1,25 @@
-"""Test helper shared by the OHEM trainer tests."""
-from typing import Tuple
+"""Test helpers shared by the trainer tests."""
+import os
+from typing import Optional, Tuple
 
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+def make_trainer(ds, cls, configuration: str = "3d_fullres", dataset_json: Optional[dict] = None,
+                 start: bool = True):
+    """A CPU trainer of class ``cls`` on fold 0 of the preprocessed test dataset ``ds`` (its plans and
+    dataset.json, or ``dataset_json``), started (``on_train_start``) or only initialised."""
+    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
+    plans["continue_training"] = False
+    dj = dataset_json or load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
+    tr = cls(plans, configuration, 0, dj, torch.device("cpu"))
+    if start:
+        tr.on_train_start()
+    else:
+        tr.initialize()
+    return tr
 
 
 def train_step_capturing_subbatch(trainer, batch: dict, monkeypatch) -> Tuple[dict, dict]:

@@ -1,14 +1,12 @@
 """OHEM-EMA mining + blob-loss training: the per-image blob error, the ranking it gives, and one real train step
 on the tiny phantom dataset (selection by the per-patch blob objective, EMA, loss on the selected sub-batch)."""
 import copy
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -17,7 +15,7 @@ from nnunetv2_ohem.losses.blob import blob_loss, per_sample_blob_error
 from nnunetv2_ohem.mining import per_sample_error, unwrap_model
 from nnunetv2_ohem.mining.errors import blob_ranking_error
 from nnunetv2_ohem.training import ohem_blob
-from ohem_helpers import always_mining, train_step_capturing_subbatch
+from ohem_helpers import always_mining, make_trainer, train_step_capturing_subbatch
 
 
 def loop_blob_error(logits, instances, activation, weight_dice=1.0, weight_bce=1.0, smooth=1e-5):
@@ -85,15 +83,6 @@ def test_blob_ranking_puts_a_missed_small_lesion_above_voxels_missed_on_a_large_
     blob = blob_ranking_error(logits, packed, 1, alpha=2.0, beta=1.0)
     assert dc_ce[1] > dc_ce[0]
     assert blob[0] > 2 * blob[1]
-
-
-def make_trainer(ds, cls):
-    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
-    plans["continue_training"] = False
-    dj = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
-    tr = cls(plans, "3d_fullres", 0, dj, torch.device("cpu"))
-    tr.on_train_start()
-    return tr
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 training transforms; and the scoring options with their selection recall, on a fixed miner and fixed
 candidates."""
 import copy
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
@@ -16,24 +14,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_ohem.mining.selection import select_top_b
 from nnunetv2_ohem.training import ohem
-from ohem_helpers import always_mining, train_step_capturing_subbatch
+from ohem_helpers import always_mining, make_trainer, train_step_capturing_subbatch
 
 
 CropsRecall_Debug = always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_candidates="crops", ohem_measure_recall=True)
 
 
-def _trainer(ds, cls):
-    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
-    plans["continue_training"] = False
-    dj = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
-    tr = cls(plans, "3d_fullres", 0, dj, torch.device("cpu"))
-    tr.on_train_start()
-    return tr
-
-
 @pytest.fixture(scope="module")
 def crops_trainer(tiny_dataset):
-    return _trainer(tiny_dataset, CropsRecall_Debug)
+    return make_trainer(tiny_dataset, CropsRecall_Debug)
 
 
 def _reference_crop(dataset, key, box):
@@ -175,7 +164,7 @@ def test_auto_score_dtype_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
 def test_prefetch_trains_the_winners_selected_one_step_earlier(tiny_dataset, monkeypatch):
     """``ohem_crops_prefetch``: the first mining step trains its own winners and selects the next ones from one
     more candidate batch; from then on each step trains the winners the previous step selected."""
-    tr = _trainer(tiny_dataset, always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_crops_prefetch=True))
+    tr = make_trainer(tiny_dataset, always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_crops_prefetch=True))
     submitted, trained = [], []
     real_submit = tr.winner_augmenter.submit
 

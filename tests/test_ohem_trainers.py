@@ -15,25 +15,13 @@ from nnunetv2_ohem.mining import unwrap_model
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet, paper_arch_kwargs
 from nnunetv2_ohem.networks.norms import GroupNorm
 from nnunetv2_ohem.training import ohem
-from ohem_helpers import always_mining, train_step_capturing_subbatch
+from ohem_helpers import always_mining, make_trainer, train_step_capturing_subbatch
 
 PAPER_DATASET_ID = 901
 
 
 # candidates = B̄ nnU-Net-augmented patches: the trained batch is a sub-batch of the candidate batch
 OHEMEMAAugmented_Debug = always_mining(ohem.nnUNetTrainerOHEMEMA_Debug, ohem_candidates="augmented")
-
-
-def make_trainer(ds, cls, configuration="3d_fullres", dataset_json=None, start=True):
-    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
-    plans["continue_training"] = False
-    dj = dataset_json or load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
-    tr = cls(plans, configuration, 0, dj, torch.device("cpu"))
-    if start:
-        tr.on_train_start()
-    else:
-        tr.initialize()
-    return tr
 
 
 def one_checked_step(tr, monkeypatch):

@@ -3,7 +3,6 @@ validation, checkpoints and exact resume, stock prediction with the EMA weights,
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -14,15 +13,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_ohem.mining import ema_momentum_at, ema_update_, swap_weights_, unwrap_model
 from nnunetv2_ohem.training import ema, precision
 from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss
-
-
-def make_trainer(ds, cls, configuration="3d_fullres", start=True):
-    plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
-    plans["continue_training"] = False
-    dj = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
-    tr = cls(plans, configuration, 0, dj, torch.device("cpu"))
-    tr.on_train_start() if start else tr.initialize()
-    return tr
+from ohem_helpers import make_trainer
 
 
 def state(module: nn.Module) -> dict:
