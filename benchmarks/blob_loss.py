@@ -6,7 +6,7 @@
    transform) + train_step, on tiny plans (40^3 phantoms, 32^3 patches, batch 2).
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/blob_loss.py [--edge 64] [--repeats 5] [--no-trainer]``
-(the issue's 128^3 is impractically slow on a 2-core CPU; the edge is printed with every line).
+(128^3 is impractically slow on a 2-core CPU; the edge is printed with every line).
 """
 import argparse
 import json

@@ -32,7 +32,7 @@ from nnunetv2_ohem.dataset_conversion.valdo import convert_valdo  # noqa: E402
 
 REGIONS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
 BRATS_CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}
-# Written out independently of the package (the issue's spec), not imported from it.
+# Written out independently of the package (the challenges' documented layouts), not imported from it.
 EXPECTED = {
     "msseg2": dict(convert=convert_msseg2, folder="Dataset950_MSSEG2", mapping={0: 0, 1: 1},
                    channels={"0": "FLAIR_time01", "1": "FLAIR_time02"},
