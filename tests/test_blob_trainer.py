@@ -172,7 +172,7 @@ def test_valdo_configuration(tiny_dataset, monkeypatch):
 
 
 @pytest.mark.slow
-# nnUNetTrainerBlobLoss keeps nnU-Net's network, so its predict path is the one test_end_to_end.py covers; only
+# nnUNetTrainerBlobLoss keeps nnU-Net's network, so its predict path is the one the stock OHEM and EMA CLI tests cover; only
 # the VALDO trainer (Mish + dropout built statically at predict time) is also predicted here, to save ~30 s
 @pytest.mark.parametrize("trainer_name,predict", [("nnUNetTrainerBlobLoss_Debug", False),
                                                   ("nnUNetTrainerBlobLoss_VALDO_Debug", True)])

@@ -378,6 +378,13 @@ def test_stock_cli_train_resume_predict(tiny_dataset, cli, tmp_path):
     import SimpleITK as sitk
     assert len(os.listdir(inp)) == 2 and sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == cases
     for c in cases:
-        p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / c)))
+        # what a user checks: the prediction lies on the input image's grid, with binary labels
+        pred_img = sitk.ReadImage(str(pred / c))
+        image = sitk.ReadImage(str(inp / (c[:-len(".nii.gz")] + "_0000.nii.gz")))
+        assert pred_img.GetSize() == image.GetSize()
+        np.testing.assert_allclose(pred_img.GetSpacing(), image.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(pred_img.GetOrigin(), image.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(pred_img.GetDirection(), image.GetDirection(), atol=1e-5)
+        p = sitk.GetArrayFromImage(pred_img)
         ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(ds.raw_folder, "labelsTs", c)))
         assert p.shape == ref.shape and set(np.unique(p)) <= {0, 1}
