@@ -414,21 +414,16 @@ def train(spec: Dict) -> Dict:
 
 def _validation_reference(spec: Dict, pred_dir: str) -> str:
     """A folder of links to the ground truth of exactly the cases nnU-Net validated (the fold's ``val`` set)."""
-    ending = spec["file_ending"]
-    cases = sorted(f for f in os.listdir(pred_dir) if f.endswith(ending))
-    if not cases:
-        raise CompareError(f"{pred_dir}: no validation predictions ({ending}) found")
+    from nnunetv2_ohem.evaluation.lesions import EvaluationError
+    from nnunetv2_ohem.evaluation.validation import link_references, validation_cases
     ref = os.path.join(spec["run_dir"], "validation_reference")
     shutil.rmtree(ref, ignore_errors=True)
     os.makedirs(ref)
-    for c in cases:
-        src = os.path.join(spec["gt_folder"], c)
-        if not os.path.exists(src):
-            raise CompareError(f"{src}: ground truth of validation case {c} is missing")
-        try:
-            os.symlink(src, os.path.join(ref, c))
-        except OSError:
-            shutil.copy2(src, os.path.join(ref, c))
+    try:
+        cases = validation_cases(pred_dir, spec["file_ending"])
+        link_references(spec["gt_folder"], cases, spec["file_ending"], ref)
+    except EvaluationError as err:
+        raise CompareError(str(err)) from None
     return ref
 
 
