@@ -165,10 +165,12 @@ def test_valdo_configuration(tiny_dataset, monkeypatch):
     got = float(trainer.train_step(batch)["loss"])
     assert abs(got - want) < 1e-5 * max(1.0, abs(want))
     # env options reach the loss
-    monkeypatch.setenv("nnUNet_blob_alpha", "1.5")
-    monkeypatch.setenv("nnUNet_blob_beta", "0")
+    monkeypatch.setenv("nnUNet_ohem_blob_alpha", "1.5")
+    monkeypatch.setenv("nnUNet_ohem_blob_beta", "0")
     assert (make_trainer(tiny_dataset, "nnUNetTrainerBlobLoss_Debug").blob_alpha,
             make_trainer(tiny_dataset, "nnUNetTrainerBlobLoss_Debug").blob_beta) == (1.5, 0.0)
+    monkeypatch.setenv("nnUNet_blob_connectivity", "6")  # the name before the common prefix still works
+    assert make_trainer(tiny_dataset, "nnUNetTrainerBlobLoss_Debug").blob_connectivity == 6
 
 
 @pytest.mark.slow

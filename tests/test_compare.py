@@ -195,6 +195,24 @@ def test_trainer_wrapper_resolves_any_trainer_name():
         trainers.make_compare_trainer("nnUNetTrainerDoesNotExist_Compare")
 
 
+def test_trainer_wrapper_reads_the_schedule_from_the_environment(tiny_dataset, monkeypatch):
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2_ohem.compare import trainers
+    cls = trainers.make_compare_trainer("nnUNetTrainer_Debug_Compare")
+    plans = load_json(os.path.join(tiny_dataset.preprocessed_folder, tiny_dataset.plans_identifier + ".json"))
+    plans["continue_training"] = False  # nnU-Net's run_training sets this key before instantiating
+    dj = load_json(os.path.join(tiny_dataset.preprocessed_folder, "dataset.json"))
+    make = lambda: cls(dict(plans), "3d_fullres", 0, dj, torch.device("cpu"))  # noqa: E731
+    monkeypatch.setenv("nnUNet_ohem_compare_epochs", "3")
+    monkeypatch.setenv("NNUNETV2_OHEM_COMPARE_ITERATIONS", "4")  # the name before the common prefix
+    t = make()
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (3, 4, 2)
+    monkeypatch.setenv("nnUNet_ohem_compare_val_iterations", "0")
+    with pytest.raises(ValueError, match="nnUNet_ohem_compare_val_iterations='0'"):
+        make()
+
+
 def test_plan_run_reuses_reevaluates_refuses_or_reruns(tmp_path):
     spec = {"run_dir": str(tmp_path / "run"), "train": {"trainer": "T", "fold": 0, "epochs": 2},
             "eval": {"metric": "msseg2", "on": "validation"}, "mode": "train"}

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from nnunetv2_ohem import envvars
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.cli_common import UsageError, UserError
 from nnunetv2_ohem.compare import trainers as wrap
@@ -385,12 +386,12 @@ def train(spec: Dict) -> Dict:
     t, run_dir = spec["train"], spec["run_dir"]
     _clear_for_training(spec)
     env = _subprocess_env(spec)
-    env[wrap.ENV_SEED] = str(t["seed"])
+    envvars.set_value(wrap.ENV_SEED, t["seed"], env)
     for key, var in (("epochs", wrap.ENV_EPOCHS), ("iterations", wrap.ENV_ITERATIONS)):
         if isinstance(t[key], int):
-            env[var] = str(t[key])
+            envvars.set_value(var, t[key], env)
         else:
-            env.pop(var, None)
+            envvars.unset(var, env)
     cmd = [console_script("nnUNetv2_train"), str(spec["dataset_id"]), t["configuration"], str(t["fold"]), "-tr",
            wrap.wrapped_name(t["trainer"]), "-p", t["plans"], "-device", t["device"]]
     log_path = os.path.join(run_dir, "train.log")

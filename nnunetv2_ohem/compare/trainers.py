@@ -12,12 +12,14 @@ finds the same class by the checkpoint's trainer name, so predicting needs ``nnU
 import os
 from typing import Dict, List, Optional
 
+from nnunetv2_ohem import envvars
+
 SUFFIX = "_Compare"
 EXT_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext")
-ENV_EPOCHS = "NNUNETV2_OHEM_COMPARE_EPOCHS"
-ENV_ITERATIONS = "NNUNETV2_OHEM_COMPARE_ITERATIONS"
-ENV_VAL_ITERATIONS = "NNUNETV2_OHEM_COMPARE_VAL_ITERATIONS"
-ENV_SEED = "NNUNETV2_OHEM_COMPARE_SEED"
+ENV_EPOCHS = envvars.COMPARE_EPOCHS
+ENV_ITERATIONS = envvars.COMPARE_ITERATIONS
+ENV_VAL_ITERATIONS = envvars.COMPARE_VAL_ITERATIONS
+ENV_SEED = envvars.COMPARE_SEED
 
 _CACHE: Dict[str, type] = {}
 
@@ -64,16 +66,6 @@ def find_trainer_class(name: str, environ=os.environ) -> Optional[type]:
     return found
 
 
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name, "")
-    if value == "":
-        return None
-    parsed = int(value)
-    if parsed < 1:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
-    return parsed
-
-
 def make_compare_trainer(name: str) -> type:
     """``T_Compare`` for ``name = T + '_Compare'`` (cached); AttributeError when ``T`` is not a trainer."""
     if name in _CACHE:
@@ -89,17 +81,17 @@ def make_compare_trainer(name: str) -> type:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        seed = os.environ.get(ENV_SEED, "")
-        if seed != "":  # before the base class builds anything random
-            seed_everything(int(seed))
+        seed = envvars.get_int(ENV_SEED)
+        if seed is not None:  # before the base class builds anything random
+            seed_everything(seed)
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         for env, attr in ((ENV_EPOCHS, "num_epochs"), (ENV_ITERATIONS, "num_iterations_per_epoch"),
                           (ENV_VAL_ITERATIONS, "num_val_iterations_per_epoch")):
-            v = _env_int(env)
+            v = envvars.get_int(env, positive=True)
             if v is not None:
                 setattr(self, attr, v)
         self.print_to_log_file(f"nnunetv2_ohem_compare: {base.__name__} with {self.num_epochs} epochs x "
-                               f"{self.num_iterations_per_epoch} iterations, seed {seed or 'unset'}")
+                               f"{self.num_iterations_per_epoch} iterations, seed {'unset' if seed is None else seed}")
 
     cls = type(name, (base,), {"__init__": __init__, "__module__": "nnunetv2_ohem_compare_trainers",
                                "__doc__": f"{base.__name__} with the schedule and seed set by "

@@ -9,10 +9,9 @@ Mish activations, dropout 0.1, Ranger21 (lr 1e-3) and 95 % foreground-centred pa
 ``nnUNetv2_predict ... -step_size 0.3`` for the seed's sliding-window overlap of 0.7.
 
 Options for the stock CLI (read when the trainer is created, written to the training log):
-``nnUNet_blob_alpha``, ``nnUNet_blob_beta`` (loss weights) and ``nnUNet_blob_connectivity`` (4/8 in 2D,
+``nnUNet_ohem_blob_alpha``, ``nnUNet_ohem_blob_beta`` (loss weights) and ``nnUNet_ohem_blob_connectivity`` (4/8 in 2D,
 6/18/26 in 3D; default 8 / 26).
 """
-import os
 from typing import Optional
 
 import torch
@@ -23,20 +22,11 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunetv2_ohem import envvars
 from nnunetv2_ohem.losses.blob import BlobLoss, split_packed_target
 from nnunetv2_ohem.training.common import trainer_settings, with_training_length
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.transforms.instances import InstanceMapTransform
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not a number") from None
 
 
 def check_finite_batch(batch: dict) -> None:
@@ -66,11 +56,9 @@ class nnUNetTrainerBlobLoss(LesionValidationMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.blob_alpha = _env_float("nnUNet_blob_alpha", self.blob_alpha)
-        self.blob_beta = _env_float("nnUNet_blob_beta", self.blob_beta)
-        conn = os.environ.get("nnUNet_blob_connectivity")
-        if conn:
-            self.blob_connectivity = int(conn)
+        self.blob_alpha = envvars.get_float(envvars.BLOB_ALPHA, self.blob_alpha)
+        self.blob_beta = envvars.get_float(envvars.BLOB_BETA, self.blob_beta)
+        self.blob_connectivity = envvars.get_int(envvars.BLOB_CONNECTIVITY, self.blob_connectivity)
         if self.label_manager.ignore_label is not None:
             raise NotImplementedError(f"{type(self).__name__}: datasets with an ignore label are not supported "
                                       f"(blobs of partially annotated images are ill-defined)")

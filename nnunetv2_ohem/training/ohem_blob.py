@@ -31,7 +31,7 @@ class nnUNetTrainerOHEMEMA_BlobLoss(nnUNetTrainerOHEMEMA, nnUNetTrainerBlobLoss)
     transforms, NaN check, packed-target validation), which wrap nnU-Net's; ``EMAMixin`` sits between the two
     (one miner update after each blob-loss step), ``LesionValidationMixin`` comes once, after the blob
     trainer. Knobs of both parents apply (``candidate_factor``, ``ema_momentum``, ``ranking_error`` = kind of
-    the *global* ranking term; ``nnUNet_blob_alpha`` / ``nnUNet_blob_beta`` / ``nnUNet_blob_connectivity``);
+    the *global* ranking term; ``nnUNet_ohem_blob_alpha`` / ``nnUNet_ohem_blob_beta`` / ``nnUNet_ohem_blob_connectivity``);
     ``mining_alpha`` / ``mining_beta`` (None = the training alpha/beta) weigh the ranking terms.
     """
 

@@ -15,7 +15,6 @@ autocast lowers to fp16). ``__init__`` swaps nnU-Net's GradScaler for the one th
 What nnU-Net does not let a trainer change: the predictor accumulates sliding-window logits in an fp16
 buffer on every device, and exports from that buffer.
 """
-import os
 import sys
 from copy import deepcopy
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_ohem import envvars
 from nnunetv2_ohem.losses.region_dice import RegionDiceLoss, deep_supervision_weights
 from nnunetv2_ohem.networks.norms import GROUPNORM_DOTTED_NAME
 from nnunetv2_ohem.preprocessing.btrseg import attach_extension_preprocessor
@@ -38,7 +38,7 @@ from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-CPU_FP16_ENV = "nnUNet_ohem_cpu_fp16"
+CPU_FP16_ENV = envvars.CPU_FP16
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
@@ -83,7 +83,7 @@ def resolve_precision(requested: str, device_type: str, cpu_fp16: str = "fp32",
 
 
 def cpu_fp16_setting() -> str:
-    return os.environ.get(CPU_FP16_ENV, "fp32").strip().lower()
+    return envvars.get_str(CPU_FP16_ENV, "fp32").strip().lower()
 
 
 _CUDA_BF16: Dict[str, bool] = {}
@@ -121,7 +121,6 @@ class _PrecisionForward(nn.Module):
     """Mixed into the network's own class so its state_dict, attributes and ``torch.compile`` stay as they
     are; only ``forward`` gains the autocast region (see the module docstring)."""
 
-    _ohem_precision: str = "fp32"
     _ohem_dtypes: Dict[str, Optional[torch.dtype]] = {}
 
     def forward(self, x, *args, **kwargs):
@@ -148,7 +147,6 @@ def set_network_precision(network: nn.Module, precision: str) -> nn.Module:
             _PRECISION_CLASSES[cls] = type(cls.__name__, (_PrecisionForward, cls),
                                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
         network.__class__ = _PRECISION_CLASSES[cls]
-    network._ohem_precision = precision
     network._ohem_dtypes = {d: device_policy(precision, d).autocast_dtype for d in ("cpu", "cuda")}
     return network
 
@@ -223,8 +221,8 @@ class PrecisionTrainer(LesionValidationMixin, nnUNetTrainer):
     norm_op_kwargs: Optional[dict] = None
     optimizer_name: Optional[str] = None
     batch_size_override: Optional[int] = None
-    seed_initial_lr: float = 5e-4
-    seed_weight_decay: float = 1e-5
+    paper_initial_lr: float = 5e-4
+    paper_weight_decay: float = 1e-5
     lr_gamma: float = 0.985
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -233,8 +231,8 @@ class PrecisionTrainer(LesionValidationMixin, nnUNetTrainer):
         if self.optimizer_name is not None:
             if self.optimizer_name not in OPTIMIZERS:
                 raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {self.optimizer_name!r}")
-            self.initial_lr = self.seed_initial_lr
-            self.weight_decay = self.seed_weight_decay
+            self.initial_lr = self.paper_initial_lr
+            self.weight_decay = self.paper_weight_decay
         if self.batch_size_override is not None:
             # before initialize(): nnU-Net reads the batch size (and splits it over DDP workers) from here
             self.configuration_manager.configuration["batch_size"] = int(self.batch_size_override)
