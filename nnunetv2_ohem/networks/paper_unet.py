@@ -63,7 +63,7 @@ class PaperDecoder(nn.Module):
 
 
 class PaperUNet(nn.Module):
-    """The seed paper's U-Net; constructor signature matches nnU-Net's ``get_network_from_plans``."""
+    """The OHEM-EMA paper's U-Net; constructor signature matches nnU-Net's ``get_network_from_plans``."""
 
     def __init__(self, input_channels: int, num_classes: int, features_per_stage: Sequence[int] = (16, 32, 64),
                  dim: int = 3, num_groups: int = 8, deep_supervision: bool = False,

@@ -1,1 +1,1 @@
-"""Write real nnU-Net plans files: tiny plans for tests/demo, and the seed papers' configurations."""
+"""Write real nnU-Net plans files: tiny plans for tests/demo, and the source papers' configurations."""

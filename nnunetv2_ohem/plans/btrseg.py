@@ -1,4 +1,4 @@
-"""BTRSeg plans: nnU-Net's planner with the seed's normalisation, a 128³ patch and a precision-aware batch size.
+"""BTRSeg plans: nnU-Net's planner with the paper's normalisation, a 128³ patch and a precision-aware batch size.
 
 ``nnunetv2_ohem_plan btrseg -d ID [--precision fp16|bf16|fp32] [--norm group|batch|instance]`` fingerprints,
 plans (plans identifier ``nnUNetBTRSegPlans``) and preprocesses with :class:`ExtendedPreprocessor`, because
@@ -45,7 +45,7 @@ def _with_norm(plan: dict, norm: Optional[str], num_groups: int) -> dict:
 
 
 class _BTRSegPlansMixin:
-    """The seed's normalisation for every channel; the brain mask is nnU-Net's non-zero mask when cropping
+    """The paper's normalisation for every channel; the brain mask is nnU-Net's non-zero mask when cropping
     to it shrank the images (nnU-Net's own rule for z-score), else each channel's non-zero voxels."""
 
     norm: Optional[str] = "group"
@@ -185,7 +185,7 @@ def plan_and_preprocess_btrseg(dataset_id: int, configurations: Sequence[str] = 
 
 
 def run_btrseg(args: argparse.Namespace) -> None:
-    """BTRSeg plans (seed normalisation, 128³ patch, GroupNorm, precision-aware batch) + preprocessing."""
+    """BTRSeg plans (the paper's normalisation, 128³ patch, GroupNorm, precision-aware batch) + preprocessing."""
     from nnunetv2_ohem.cli_common import show_progress
 
     ident = plan_and_preprocess_btrseg(args.dataset_id, args.configurations, args.plans_name,

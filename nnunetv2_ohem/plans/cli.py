@@ -21,10 +21,10 @@ BTRSEG_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DESCRIPTIONS = {
     "tiny": "Tiny plans (3 stages, features 4/8/16, 32³ patch, batch 2) for smoke runs, tests and the demo: "
             "the plans of an nnU-Net planner (-pl) with only network, patch and batch shrunk.",
-    "paper": "Seed plans of the OHEM-EMA paper: 0.5 mm isotropic, per-image z-normalisation, 32³ patch, "
+    "paper": "Plans of the OHEM-EMA paper: 0.5 mm isotropic, per-image z-normalisation, 32³ patch, "
              "batch 32 and the paper's U-Net, 3d_fullres only.",
-    "btrseg": "BTRSeg plans: the seed's normalisation, a 128³ patch, GroupNorm and a batch size sized for the "
-              "training precision.",
+    "btrseg": "BTRSeg plans: the BTRSeg paper's normalisation, a 128³ patch, GroupNorm and a batch size sized "
+              "for the training precision.",
 }
 EPILOG = ("nnU-Net's dataset_fingerprint.json is never changed; when it does not exist yet it is created by "
           "nnU-Net's own extraction (nnUNetv2_train needs it), or with --fast_fingerprint by the fast one.")

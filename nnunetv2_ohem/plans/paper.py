@@ -1,4 +1,4 @@
-"""Seed-exact plans for the OHEM-EMA paper (Schmidt-Mengin et al., MSSEG-II 2021) as a real nnU-Net plans file.
+"""Paper-exact plans for the OHEM-EMA paper (Schmidt-Mengin et al., MSSEG-II 2021) as a real nnU-Net plans file.
 
 The paper resamples every FLAIR to 0.5 mm isotropic, z-normalises each image on its own, concatenates the
 two time points as 2 channels and trains its small U-Net (B16-32-64, GroupNorm) on 32³ patches, B = 32
@@ -92,7 +92,7 @@ def plan_and_preprocess_paper(dataset_id: int, plans_identifier: str = PAPER_PLA
 
 
 def run_paper(args: argparse.Namespace) -> None:
-    """Seed plans of the OHEM-EMA paper (0.5 mm, per-image z-norm, 32³ patch, batch 32, paper U-Net)."""
+    """Plans of the OHEM-EMA paper (0.5 mm, per-image z-norm, 32³ patch, batch 32, paper U-Net)."""
     from nnunetv2_ohem.cli_common import show_progress
     from nnunetv2_ohem.plans.cli import check_patch
 

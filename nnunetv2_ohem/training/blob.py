@@ -4,9 +4,9 @@
 in the CPU data pipeline (``InstanceMapTransform``) and travel as extra target channels, so nnU-Net's
 ``train_step`` and ``DeepSupervisionWrapper`` are reused unchanged.
 
-``nnUNetTrainerBlobLoss_VALDO``: the seed's configuration where it fits nnU-Net: alpha 0.66, beta 0.33, Dice + BCE,
+``nnUNetTrainerBlobLoss_VALDO``: the paper's configuration where it fits nnU-Net: alpha 0.66, beta 0.33, Dice + BCE,
 Mish activations, dropout 0.1, Ranger21 (lr 1e-3) and 95 % foreground-centred patches. Use
-``nnUNetv2_predict ... -step_size 0.3`` for the seed's sliding-window overlap of 0.7.
+``nnUNetv2_predict ... -step_size 0.3`` for the paper's sliding-window overlap of 0.7.
 
 Options for the stock CLI (read when the trainer is created, written to the training log):
 ``nnUNet_ohem_blob_alpha``, ``nnUNet_ohem_blob_beta`` (loss weights) and ``nnUNet_ohem_blob_connectivity`` (4/8 in 2D,
@@ -30,7 +30,7 @@ from nnunetv2_ohem.transforms.instances import InstanceMapTransform
 
 
 def check_finite_batch(batch: dict) -> None:
-    """Raise naming the case(s) when images or float labels of a batch hold NaN/Inf (the seed's input check)."""
+    """Raise naming the case(s) when images or float labels of a batch hold NaN/Inf (the paper's input check)."""
     keys = list(batch.get("keys", []))
     for name, value in (("image", batch["data"]), ("label", batch["target"])):
         tensors = value if isinstance(value, (list, tuple)) else [value]
@@ -155,7 +155,7 @@ class nnUNetTrainerBlobLoss_VALDO(nnUNetTrainerBlobLoss):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        # MONAI's BasicUNet (the seed's network) uses element-wise dropout after each convolution
+        # MONAI's BasicUNet (the paper's network) uses element-wise dropout after each convolution
         kwargs.update(nonlin="torch.nn.Mish", nonlin_kwargs={"inplace": True},
                       dropout_op="torch.nn.Dropout", dropout_op_kwargs={"p": 0.1})
         req = tuple(set(configuration_manager.network_arch_init_kwargs_req_import) | {"nonlin", "dropout_op"})

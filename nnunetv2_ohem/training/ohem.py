@@ -630,7 +630,7 @@ class StepFractionLRScheduler(EpochFunctionLRScheduler):
 
 @trainer_settings(initial_lr=1e-3, weight_decay=0.0, num_epochs=120, enable_deep_supervision=False)
 class nnUNetTrainerOHEMEMA_Paper(nnUNetTrainerOHEMEMA):
-    """Seed-exact configuration: paper U-Net (B16-32-64, GroupNorm+ReLU, upsampling), Dice loss for mining
+    """Paper-exact configuration: paper U-Net (B16-32-64, GroupNorm+ReLU, upsampling), Dice loss for mining
     and training, B̄ = 4·B (128/32 with the paper plans), 30 % foreground candidates, Adam 1e-3 → 1e-4 at
     50 % → 1e-5 at 80 %, 120 epochs × 250 steps = the paper's 30k OHEM iterations, no deep supervision.
 

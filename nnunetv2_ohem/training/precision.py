@@ -269,7 +269,7 @@ class BTRSegTrainer(PrecisionTrainer):
     """BTRSeg on nnU-Net region datasets (BraTS WT/TC/ET via ``regions_class_order``).
 
     Loss 1 − mean region Dice (sigmoid outputs) with nnU-Net's deep-supervision weights, Adam (or RAdam)
-    lr 5e-4, weight decay 1e-5, lr · 0.985^epoch, 300 epochs; default: the seed's best Table 1 row (mixed
+    lr 5e-4, weight decay 1e-5, lr · 0.985^epoch, 300 epochs; default: the paper's best Table 1 row (mixed
     precision, GroupNorm, Adam). Patch size and network come from the plans (``nnunetv2_ohem_plan btrseg``
     writes 128³ where the images allow).
     """
@@ -329,7 +329,7 @@ for _p, _prec in _PRECISION_TAGS.items():
                 _define(f"nnUNetTrainerBTRSeg_{_p}_{_n}_{_o}" + (f"_bs{_bs}" if _bs else ""), BTRSegTrainer,
                         precision=_prec, norm=_norm, optimizer_name=_opt, batch_size_override=_bs)
 
-#: The seed's Table 1 ("mixed" = AMP fp16 on their GTX Titan X) -> trainer reproducing the row.
+#: The BTRSeg paper's Table 1 ("mixed" = AMP fp16 on their GTX Titan X) -> trainer reproducing the row.
 TABLE1: Tuple[Tuple[str, str], ...] = (
     ("Isensee: Adam, batch 2, full precision, InstanceNorm", "nnUNetTrainerBTRSeg_FP32_IN_Adam_bs2"),
     ("BTRSeg: Adam, batch 2, full precision, BatchNorm", "nnUNetTrainerBTRSeg_FP32_BN_Adam_bs2"),
