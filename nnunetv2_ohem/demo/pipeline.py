@@ -8,6 +8,7 @@ and which were reused. nnU-Net runs as the user would run it (``nnUNetv2_train``
 subprocesses) with ``nnUNet_raw/preprocessed/results`` pointed into the output folder, so a user's own
 nnU-Net folders are never touched.
 """
+import functools
 import json
 import os
 import re
@@ -15,8 +16,8 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -45,7 +46,13 @@ class DemoConfig:
     #: new-lesion volumes (mm³) of the demo phantoms: larger than MSSEG-II's typical 1-50 mm³ so that a network
     #: trained for minutes on a CPU finds them; (1, 50) gives the realistic, much harder setting
     lesion_volume: Tuple[float, float] = (100.0, 1000.0)
+    #: phantom seed: same seed -> byte-identical phantoms
     seed: int = 0
+    #: training seed (Python, NumPy and torch generators of nnU-Net's training: network initialisation, patch
+    #: sampling, augmentation); None = nnU-Net's usual unseeded training
+    train_seed: Optional[int] = 0
+    #: further :class:`~nnunetv2_ohem.phantoms.mni.MSSEG2PhantomConfig` settings (e.g. ``n_new_lesions``)
+    phantom_options: Dict[str, Any] = field(default_factory=dict)
     dataset_id: int = 942
     methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer")
     epochs: int = 60
@@ -79,6 +86,10 @@ class DemoConfig:
             raise ValueError(f"until must be one of {STEP_ORDER}, got {self.until!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.train_seed is not None and self.train_seed < 0:
+            raise ValueError(f"train_seed must be >= 0, got {self.train_seed}")
+        self.phantom_options = dict(self.phantom_options)
+        _phantom_config(self)  # an invalid phantom setting fails here, before anything is written
 
     @property
     def dataset_name(self) -> str:
@@ -268,10 +279,69 @@ def step_seconds(paths: Paths, name: str) -> Optional[float]:
 
 def _phantom_config(cfg: DemoConfig):
     from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig
-    lo, hi = cfg.lesion_volume
-    # the "few larger" lesions stay 1-5x the largest regular one, as in the generator's default
-    return MSSEG2PhantomConfig(voxel_size=cfg.voxel_size, lesion_volume_mm3=(lo, hi),
-                               large_lesion_volume_mm3=(hi, 5 * hi))
+    try:
+        return MSSEG2PhantomConfig.with_lesion_volume(cfg.lesion_volume, voxel_size=cfg.voxel_size,
+                                                      **cfg.phantom_options)
+    except TypeError as e:  # an unknown setting name
+        raise ValueError(f"phantom_options: {e}") from None
+
+
+#: sliding-window stride as a fraction of the patch: 0.75 (stride 24 for patch 32) as in the OHEM-EMA paper,
+#: 2-3x fewer tiles than nnU-Net's default 0.5
+TILE_STEP_SIZE = 0.75
+
+
+@functools.lru_cache(maxsize=1)
+def paired_tile_predictor_class():
+    """``nnUNetPredictor`` that runs each sliding-window tile as a batch of two identical copies on a CPU.
+
+    nnU-Net predicts one tile at a time. On CPUs, PyTorch's oneDNN 3-d convolutions are pathologically slow
+    for a batch of one: the demo's U-Net takes 170-470 ms for one 32³ tile but 19-28 ms for a batch of two
+    (2-core x86_64, ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
+    copy's logits equal the single tile's (up to float rounding)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class PairedTilePredictor(nnUNetPredictor):
+        def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 1 and self.device.type == "cpu":
+                return super()._internal_maybe_mirror_and_predict(torch.cat([x, x]))[:1]
+            return super()._internal_maybe_mirror_and_predict(x)
+
+    return PairedTilePredictor
+
+
+class HeldOutPredictor:
+    """nnU-Net's own predictor (``nnUNetPredictor``, the class ``nnUNetv2_predict`` runs) kept in this process
+    for every method: one torch/nnU-Net start-up instead of one per method, and no preprocessing/export worker
+    processes (on a small CPU their start-up cost more than predicting 4 small cases). Settings are
+    ``nnUNetv2_predict --disable_tta -step_size 0.75 -chk checkpoint_final.pth -f 0``."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._predictor = None
+
+    def predict(self, model_dir: str, images: str, out_dir: str, log_path: str) -> None:
+        import contextlib
+
+        import torch
+        if self._predictor is None:
+            self._predictor = paired_tile_predictor_class()(tile_step_size=TILE_STEP_SIZE, use_gaussian=True,
+                                              use_mirroring=False,
+                                              perform_everything_on_device=self.device == "cuda",
+                                              device=torch.device(self.device), verbose=False,
+                                              verbose_preprocessing=False, allow_tqdm=False)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+            print(f"nnUNetPredictor(tile_step_size={TILE_STEP_SIZE}, use_mirroring=False, device={self.device})"
+                  f".initialize_from_trained_model_folder({model_dir!r}, use_folds=(0,), "
+                  f"checkpoint_name='checkpoint_final.pth').predict_from_files_sequential({images!r}, "
+                  f"{out_dir!r})", flush=True)
+            self._predictor.initialize_from_trained_model_folder(model_dir, use_folds=(0,),
+                                                                 checkpoint_name="checkpoint_final.pth")
+            self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
+                                                          overwrite=True)
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
@@ -339,8 +409,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
     from nnunetv2_ohem.training import demo as _names  # noqa: F401  (fails early if a trainer is missing)
     train_env.update({_names.ENV_EPOCHS: str(cfg.epochs), _names.ENV_ITERATIONS: str(cfg.iterations),
                       _names.ENV_VAL_ITERATIONS: str(cfg.val_iterations)})
+    if cfg.train_seed is not None:
+        train_env[_names.ENV_SEED] = str(cfg.train_seed)
     schedule = {"epochs": cfg.epochs, "iterations": cfg.iterations, "val_iterations": cfg.val_iterations,
-                "device": device}
+                "device": device, "train_seed": cfg.train_seed}
     for method in cfg.methods:
         def train(method=method):
             shutil.rmtree(os.path.dirname(paths.training_output(cfg, method)), ignore_errors=True)
@@ -363,17 +435,14 @@ def run_demo(cfg: DemoConfig) -> Dict:
     if stop == 3:
         return finish()
 
+    predictor = HeldOutPredictor(device)
     for method in cfg.methods:
         def predict(method=method):
-            out_dir = os.path.join(paths.predictions, method)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            cmd = [console_script("nnUNetv2_predict"), "-i", paths.test_images, "-o", out_dir, "-d",
-                   str(cfg.dataset_id), "-c", "3d_fullres", "-f", "0", "-tr", trainer_for(method), "-p",
-                   cfg.plans_identifier, "-chk", "checkpoint_final.pth", "--disable_tta", "-device", device,
-                   # stride 0.75 x patch as in the OHEM-EMA paper (patch 32, stride 24): 2-3x fewer patches
-                   "-step_size", "0.75", "-npp", "1", "-nps", "1"]
-            run_logged(cmd, env, os.path.join(paths.logs, f"predict_{method}.log"), f"predict/{method}")
-        step(f"predict/{method}", {"device": device}, [f"train/{method}"], predict)
+            predictor.predict(os.path.dirname(paths.training_output(cfg, method)), paths.test_images,
+                              os.path.join(paths.predictions, method),
+                              os.path.join(paths.logs, f"predict_{method}.log"))
+        step(f"predict/{method}", {"device": device, "tile_step_size": TILE_STEP_SIZE}, [f"train/{method}"],
+             predict)
     if stop == 4:
         return finish()
 

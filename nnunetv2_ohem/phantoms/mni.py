@@ -61,6 +61,16 @@ class MSSEG2PhantomConfig(PhantomConfigBase):
         if self.lesion_volume_mm3[0] <= 0:
             raise ValueError("lesion_volume_mm3 must start above 0 mm³")
 
+    @classmethod
+    def with_lesion_volume(cls, lesion_volume_mm3: Tuple[float, float], **settings) -> "MSSEG2PhantomConfig":
+        """A config whose regular new lesions are ``lesion_volume_mm3`` and whose few large ones keep the
+        default proportion to them: ``large = (hi, hi · L_hi / l_hi)`` with the defaults' ``l_hi = 50``,
+        ``L_hi = 300`` mm³ (so the defaults map onto themselves)."""
+        lo, hi = (float(v) for v in lesion_volume_mm3)
+        ratio = cls.large_lesion_volume_mm3[1] / cls.lesion_volume_mm3[1]
+        settings.setdefault("large_lesion_volume_mm3", (hi, hi * ratio))
+        return cls(lesion_volume_mm3=(lo, hi), **settings)
+
 
 @dataclass
 class PhantomSubject:

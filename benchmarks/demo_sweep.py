@@ -1,0 +1,143 @@
+"""Sweep of the demo's settings: does each method learn, in how many epochs, at what cost?
+
+Runs ``nnunetv2_ohem.demo.pipeline.run_demo`` for every (variant, training seed) and prints one JSON line per
+run (held-out lesion F1 / Dice / FP lesions per method, the epoch at which nnU-Net's pseudo Dice first
+exceeded 0.1, wall and CPU seconds per step), appended to ``<root>/sweep.jsonl``. Finished runs are reused,
+so an interrupted sweep resumes. Variants that share phantoms and plans share one prepared data folder
+(phantoms, conversion, plans are built once and copied).
+
+    .venv/bin/python benchmarks/demo_sweep.py --root /tmp/demo_sweep --variants default more_lesions \\
+        --train_seeds 0 1 2
+    .venv/bin/python benchmarks/demo_sweep.py --root /tmp/demo_sweep --table   # markdown table of sweep.jsonl
+
+Timings are only comparable between runs made one at a time on an idle machine; run two sweeps side by side
+(``OMP_NUM_THREADS=1`` each) only to learn which settings learn.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+from nnunetv2_ohem.demo.pipeline import DemoConfig, run_demo
+
+#: variant name -> DemoConfig overrides (the rest are the demo's defaults)
+_DATA = {
+    "": {},
+    "more_lesions": {"phantom_options": {"n_new_lesions": (4, 10)}},
+    "brighter": {"phantom_options": {"lesion_contrast": (2.2, 2.8)}},
+    "more_brighter": {"phantom_options": {"n_new_lesions": (4, 10), "lesion_contrast": (2.2, 2.8)}},
+    "larger": {"lesion_volume": (200.0, 2000.0)},
+    "msseg2_sized": {"lesion_volume": (1.0, 50.0)},
+}
+_BUDGETS = {"": {}, "e60x10": {"epochs": 60, "iterations": 10}, "e40x10": {"epochs": 40, "iterations": 10},
+            "e30x10": {"epochs": 30, "iterations": 10}, "e20x20": {"epochs": 20, "iterations": 20},
+            "e30x10b4": {"epochs": 30, "iterations": 10, "batch": 4}}
+#: variant name ("<data>_<budget>", either part may be empty) -> DemoConfig overrides (the rest: demo defaults)
+VARIANTS = {"_".join(p for p in (d, b) if p) or "default": {**dv, **bv}
+            for d, dv in _DATA.items() for b, bv in _BUDGETS.items()}
+DATA_FIELDS = ("n_train", "n_test", "voxel_size", "lesion_volume", "seed", "phantom_options", "dataset_id",
+               "features", "patch", "batch")
+_DICE_RE = re.compile(r"Pseudo dice \[(?:np\.float32\()?([0-9.eE+-]+|nan)")
+
+
+def onset_epoch(log_text: str, threshold: float = 0.1):
+    """First epoch whose pseudo Dice exceeds ``threshold`` (None if none did)."""
+    for epoch, m in enumerate(_DICE_RE.finditer(log_text)):
+        if m.group(1) != "nan" and float(m.group(1)) > threshold:
+            return epoch
+    return None
+
+
+def data_key(cfg: DemoConfig) -> str:
+    values = json.dumps({k: asdict(cfg)[k] for k in DATA_FIELDS}, sort_keys=True)
+    return hashlib.sha1(values.encode()).hexdigest()[:12]
+
+
+def prepared(cfg: DemoConfig, root: str) -> str:
+    """Folder with this config's phantoms, conversion and plans (built once per data key)."""
+    import fcntl
+    folder = os.path.join(root, "_data", data_key(cfg))
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # sweeps running side by side build each data folder once
+        if not os.path.exists(os.path.join(folder, "steps", "plan.json")):
+            run_demo(DemoConfig(**{**asdict(cfg), "out": folder, "until": "plan", "progress": False}))
+    return folder
+
+
+def run_one(root: str, variant: str, train_seed: int) -> dict:
+    cfg = DemoConfig(**{**VARIANTS[variant], "train_seed": train_seed, "progress": False,
+                        "out": os.path.join(root, variant, f"seed{train_seed}")})
+    if not os.path.exists(os.path.join(cfg.out, "steps", "plan.json")):
+        shutil.rmtree(cfg.out, ignore_errors=True)
+        shutil.copytree(prepared(cfg, root), cfg.out, symlinks=True)
+    result = run_demo(cfg)
+    row = {"variant": variant, "train_seed": train_seed, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "machine": f"{os.cpu_count()}-core {platform.machine()}", "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+           "total_seconds": sum(v["seconds"] for v in result["steps"].values()),
+           "steps": {k: {"s": round(v["seconds"], 1), "cpu_s": round(v.get("cpu_seconds", 0.0), 1)}
+                     for k, v in result["steps"].items()},
+           "settings": {k: asdict(cfg)[k] for k in ("epochs", "iterations", "batch", "lesion_volume",
+                                                    "phantom_options")}}
+    for method in cfg.methods:
+        with open(os.path.join(cfg.out, "metrics", f"{method}.json")) as f:
+            agg = json.load(f)["challenge"]
+        with open(os.path.join(cfg.out, "logs", f"train_{method}.log")) as f:
+            onset = onset_epoch(f.read())
+        row[method] = {"lesion_f1": agg["cases_with_lesions"]["lesion_f1"]["mean"],
+                       "dice": agg["cases_with_lesions"]["dice"]["mean"],
+                       "fp_lesions_lesion_free": agg["lesion_free_cases"]["fp_lesions"]["mean"],
+                       "onset_epoch": onset}
+    return row
+
+
+def table(rows) -> str:
+    methods = [m for m in ("nnUNetTrainer", "nnUNetTrainerOHEMEMA") if any(m in r for r in rows)]
+    head = ["variant", "seed", "epochs × it.", "batch"] + [f"{m} F1 / onset" for m in methods] + ["total s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["settings"]
+        cells = [r["variant"], str(r["train_seed"]), f"{s['epochs']} × {s['iterations']}", str(s["batch"])]
+        for m in methods:
+            v = r.get(m)
+            cells.append("–" if v is None else f"{v['lesion_f1']:.2f} / {v['onset_epoch']}")
+        cells.append(f"{r['total_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="./demo_sweep_output", help="working folder (not for committing)")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    p.add_argument("--train_seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--table", action="store_true", help="print sweep.jsonl as a markdown table and exit")
+    args = p.parse_args()
+    os.makedirs(args.root, exist_ok=True)
+    log = os.path.join(args.root, "sweep.jsonl")
+    done = []
+    if os.path.exists(log):
+        with open(log) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+    if args.table:
+        print(table(done))
+        return 0
+    for variant in args.variants:
+        for seed in args.train_seeds:
+            if any(r["variant"] == variant and r["train_seed"] == seed for r in done):
+                continue
+            row = run_one(args.root, variant, seed)
+            print(json.dumps(row), flush=True)
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
