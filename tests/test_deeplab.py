@@ -318,7 +318,7 @@ def test_plans_kwargs_translation():
 
 
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
-def test_static_builders_build_from_tiny_plans(tiny_dataset, configuration):
+def test_builders_called_on_the_class_build_from_tiny_plans(tiny_dataset, configuration):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans, dataset_json = _load_plans(tiny_dataset)
     pm = PlansManager(plans)

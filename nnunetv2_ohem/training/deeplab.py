@@ -2,8 +2,8 @@
 with :class:`nnunetv2_ohem.networks.deeplab.DeepLab` instead of the U-Net.
 
 Select with ``nnUNetv2_train DATASET 2d|3d_fullres FOLD -tr nnUNetTrainerDeepLabV3`` (or ``...DeepLabV2``);
-stock ``nnUNetv2_predict -tr nnUNetTrainerDeepLabV3`` rebuilds the network through the static
-``build_network_architecture``. See ``docs/deeplab.md``.
+stock ``nnUNetv2_predict -tr nnUNetTrainerDeepLabV3`` rebuilds the network through
+``build_network_architecture``, called on the class. See ``docs/deeplab.md``.
 """
 import pydoc
 from typing import Optional
@@ -49,29 +49,29 @@ def deeplab_kwargs_from_plans(arch_kwargs: dict, arch_kwargs_req_import, aspp_ve
                 nonlin_kwargs=kw.get("nonlin_kwargs"))
 
 
-def build_deeplab(configuration_manager: ConfigurationManager, num_input_channels: int, num_output_channels: int,
-                  aspp_version: str, output_stride: int) -> DeepLab:
-    """Build the DeepLab of one plans configuration (the shared body of both trainers' static builders)."""
-    return DeepLab(num_input_channels, num_output_channels,
-                   **deeplab_kwargs_from_plans(configuration_manager.network_arch_init_kwargs,
-                                               configuration_manager.network_arch_init_kwargs_req_import,
-                                               aspp_version, output_stride))
-
-
 # a single output: nnU-Net's loss then skips its DeepSupervisionWrapper and the loader its target pyramid
 @trainer_settings(enable_deep_supervision=False)
 class nnUNetTrainerDeepLabV3(LesionValidationMixin, nnUNetTrainer):
     """DeepLabv3 (ASPP with image-level pooling, output stride 16) on nnU-Net's pipeline, no deep supervision.
 
     Everything else (SGD lr 1e-2 + poly, Dice+CE, augmentation, sliding-window inference) is nnU-Net's.
+    Variants set the two class attributes below.
     """
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    aspp_version: str = "v3"
+    output_stride: int = 16
+
+    # a classmethod, so that variants differ by class attributes only: nnU-Net calls this hook both on the
+    # class (nnUNetv2_predict: ``trainer_class.build_network_architecture(...)``) and through ``self``
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         # enable_deep_supervision is ignored: the network has one output whatever nnU-Net asks for
-        return build_deeplab(configuration_manager, num_input_channels, num_output_channels, "v3", 16)
+        return DeepLab(num_input_channels, num_output_channels,
+                       **deeplab_kwargs_from_plans(configuration_manager.network_arch_init_kwargs,
+                                                   configuration_manager.network_arch_init_kwargs_req_import,
+                                                   cls.aspp_version, cls.output_stride))
 
     def set_deep_supervision_enabled(self, enabled: bool):
         # nnU-Net's version sets network.decoder.deep_supervision, which a DeepLab has no use for; validation
@@ -82,21 +82,14 @@ class nnUNetTrainerDeepLabV3(LesionValidationMixin, nnUNetTrainer):
 class nnUNetTrainerDeepLabV3_OS8(nnUNetTrainerDeepLabV3):
     """DeepLabv3 at output stride 8 (one more dilated stage, rates doubled to 12/24/36): finer maps, more cost."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        return build_deeplab(configuration_manager, num_input_channels, num_output_channels, "v3", 8)
+    output_stride = 8
 
 
 class nnUNetTrainerDeepLabV2(nnUNetTrainerDeepLabV3):
     """DeepLabv2 (summed atrous classifiers, rates 6/12/18/24, output stride 8, no pooling branch)."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        return build_deeplab(configuration_manager, num_input_channels, num_output_channels, "v2", 8)
+    aspp_version = "v2"
+    output_stride = 8
 
 
 def constant_then_poly_lr(step: int, max_steps: int, initial_lr: float, constant_steps: int,
