@@ -234,11 +234,30 @@ def test_precision_network_compiles_without_graph_breaks():
         torch.testing.assert_close(a, b)
 
 
+# the names the paper's Table 1 rows had before the trainers were generated from the table
+TABLE1_NAMES = ("nnUNetTrainerBTRSeg_FP32_IN_Adam_bs2", "nnUNetTrainerBTRSeg_FP32_BN_Adam_bs2",
+                "nnUNetTrainerBTRSeg_FP16_BN_Adam_bs6", "nnUNetTrainerBTRSeg_FP16_GN_Adam_bs3",
+                "nnUNetTrainerBTRSeg_FP16_GN_RAdam_bs2", "nnUNetTrainerBTRSeg_FP16_GN_RAdam_bs3")
+
+
+# what docs/mixed_precision.md shows for a combination that is not a named trainer
+class nnUNetTrainerBTRSeg_BF16_GN_RAdam_bs3(P.BTRSegTrainer):
+    precision, norm, optimizer_name, batch_size_override = "bf16", "group", "radam", 3
+
+
 def test_trainer_names_cover_table1():
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    for _, name in P.TABLE1:
-        assert getattr(P, name).__name__ == name
+    assert tuple(name for _, name in P.TABLE1) == TABLE1_NAMES
+    for (_, name), (_, (prec, norm, opt, bs)) in zip(P.TABLE1, P.TABLE1_SETTINGS):
+        cls = getattr(P, name)
+        assert cls.__name__ == name and issubclass(cls, P.BTRSegTrainer)
+        assert (cls.precision, cls.norm, cls.optimizer_name, cls.batch_size_override) == (prec, norm, opt, bs)
+        assert getattr(P, name + "_Debug").__mro__[1] is cls
+    # the named BTRSeg trainers are the default and the table's rows, each with its _Debug sibling
+    named = {n for n in vars(P) if n.startswith("nnUNetTrainerBTRSeg")}
+    assert named == {n + d for n in ("nnUNetTrainerBTRSeg",) + TABLE1_NAMES for d in ("", "_Debug")}
+    assert P.btrseg_name("bf16", "group", "radam", 3) == nnUNetTrainerBTRSeg_BF16_GN_RAdam_bs3.__name__
     cls = recursive_find_trainer_class_by_name("nnUNetTrainerBTRSeg_FP16_BN_Adam_bs6")
     assert (cls.precision, cls.norm, cls.optimizer_name, cls.batch_size_override) == ("fp16", "batch", "adam", 6)
     dbg = recursive_find_trainer_class_by_name("nnUNetTrainerBF16_GN_Debug")
@@ -246,13 +265,14 @@ def test_trainer_names_cover_table1():
 
 
 # ------------------------------------------------------------------------------------------- trainers (in process)
-def _trainer(name, ds, device="cpu"):
+def _trainer(name_or_class, ds, device="cpu"):
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     plans = load_json(os.path.join(ds.preprocessed_folder, ds.plans_identifier + ".json"))
     plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this key before instantiating
     dataset_json = load_json(os.path.join(ds.preprocessed_folder, "dataset.json"))
-    t = getattr(P, name)(plans, "3d_fullres", 0, dataset_json, torch.device(device))
+    cls = getattr(P, name_or_class) if isinstance(name_or_class, str) else name_or_class
+    t = cls(plans, "3d_fullres", 0, dataset_json, torch.device(device))
     t.initialize()
     return t
 
@@ -343,7 +363,8 @@ def test_fp16_scaler_state_saved_and_restored(region_dataset, monkeypatch, tmp_p
 def test_btrseg_trainer_loss_optimizer_and_batch(region_dataset):
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-    t = _trainer("nnUNetTrainerBTRSeg_BF16_GN_RAdam_bs3_Debug", region_dataset)
+    t = _trainer(nnUNetTrainerBTRSeg_BF16_GN_RAdam_bs3, region_dataset)
+    assert t.precision_policy.autocast_dtype == torch.bfloat16
     assert t.batch_size == 3 and t.configuration_manager.batch_size == 3
     assert isinstance(t.optimizer, torch.optim.RAdam)
     assert t.optimizer.param_groups[0]["weight_decay"] == 1e-5 and t.initial_lr == 5e-4
@@ -452,10 +473,21 @@ def test_nnunet_predictor_runs_network_in_trainer_precision(region_dataset):
 # ------------------------------------------------------------------------------------------- stock CLIs
 @pytest.mark.slow
 def test_btrseg_bf16_groupnorm_stock_train_and_predict(region_dataset, cli, nnunet_env, tmp_path):
+    # a combination without a named trainer, written as docs/mixed_precision.md tells users to, in a user folder
+    # of nnU-Net's trainer search path: stock train and predict must find it and its settings
     tr = "nnUNetTrainerBTRSeg_BF16_GN_Adam_Debug"
+    ext = tmp_path / "my_trainers"
+    ext.mkdir()
+    (ext / "my_btrseg.py").write_text(
+        "from nnunetv2_ohem.training.common import with_training_length\n"
+        "from nnunetv2_ohem.training.precision import BTRSegTrainer\n\n\n"
+        "class nnUNetTrainerBTRSeg_BF16_GN_Adam(BTRSegTrainer):\n"
+        "    precision, norm, optimizer_name = 'bf16', 'group', 'adam'\n\n\n"
+        f"{tr} = with_training_length(nnUNetTrainerBTRSeg_BF16_GN_Adam, '{tr}', 2, 5, 2)\n")
     ds = region_dataset
     # one export worker instead of nnU-Net's default 8 spawned processes for the final validation
-    env = {**os.environ, "nnUNet_def_n_proc": "1"}
+    env = {**os.environ, "nnUNet_def_n_proc": "1",
+           "nnUNet_extTrainer": os.pathsep.join(p for p in (str(ext), os.environ.get("nnUNet_extTrainer")) if p)}
     cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "0", "-p", ds.plans_identifier, "-tr", tr,
          "-device", "cpu"], env=env)
     model = os.path.join(nnunet_env["nnUNet_results"], ds.name, f"{tr}__{ds.plans_identifier}__3d_fullres")
