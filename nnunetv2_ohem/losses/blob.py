@@ -31,6 +31,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from nnunetv2_ohem.losses.dice import soft_dice_from_sums
+
 __all__ = ["blob_terms", "blob_loss", "per_sample_blob_error", "fused_binary_dc_ce_and_blob", "BlobLoss", "split_packed_target"]
 
 
@@ -116,6 +118,8 @@ def _segment_sums(logits: torch.Tensor, instances: torch.Tensor, activation: str
 
 
 def _terms_from_sums(sums: dict, smooth: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-blob Dice and BCE from the segment sums; blob ``k``'s prediction is ``tp_k + fp`` (its own voxels
+    and the background of its image and class), its ground truth its size."""
     sum_p, sum_nll, counts, offsets = sums["sum_p"], sums["sum_nll"], sums["counts"], sums["offsets"]
     is_bg = torch.zeros(sum_p.shape[0], dtype=torch.bool, device=sum_p.device)
     is_bg[offsets] = True
@@ -125,7 +129,7 @@ def _terms_from_sums(sums: dict, smooth: float) -> Tuple[torch.Tensor, torch.Ten
     size = counts[keep].to(tp.dtype)
     fp = sum_p[offsets][group]
     bg_nll = sum_nll[offsets][group]
-    dice = (2 * tp + smooth) / torch.clamp(tp + fp + size + smooth, min=1e-8)
+    dice = soft_dice_from_sums(tp, tp + fp, size, smooth)
     bce = (bg_nll + sum_nll[keep]) / sums["n_vox"]
     return dice, bce, group
 
@@ -234,7 +238,7 @@ def _fused_unchecked(logits: torch.Tensor, instances: torch.Tensor, dc_ce: nn.Mo
         gt = (n_vox - sums["counts"][offsets]).to(pred.dtype)
         if dc_ce.dc.batch_dice:
             intersect, pred, gt = intersect.sum(0), pred.sum(0), gt.sum(0)
-        dc = ((2 * intersect + dc_ce.dc.smooth) / (gt + pred + float(dc_ce.dc.smooth)).clamp_min(1e-8)).mean()
+        dc = soft_dice_from_sums(intersect, pred, gt, float(dc_ce.dc.smooth)).mean()
         glob = (dc_ce.weight_ce * (nll.sum() / (b * n_vox)) if dc_ce.weight_ce != 0 else 0) + \
             (dc_ce.weight_dice * -dc if dc_ce.weight_dice != 0 else 0)
     return glob, blob

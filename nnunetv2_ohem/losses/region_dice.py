@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunetv2_ohem.losses.dice import soft_dice
+
 
 def soft_region_dice(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
                      smooth: float = 1e-5) -> torch.Tensor:
@@ -16,20 +18,16 @@ def soft_region_dice(logits: torch.Tensor, target: torch.Tensor, batch_dice: boo
     ``logits`` and ``target`` are (B, R, *spatial) with a binary (or soft) target per region. Sums run over
     the spatial axes, and over the batch too when ``batch_dice`` (nnU-Net's ``batch_dice`` plans flag).
     Returns (R,) if ``batch_dice`` else (B, R). Computed in float32 whatever the autocast dtype of the logits.
-    An empty region predicted empty has D = s/s = 1.
+    An empty region predicted empty has D = s/s = 1. :func:`~nnunetv2_ohem.losses.dice.soft_dice` of the
+    sigmoid, with its denominator unclamped as this loss has always been (``smooth = 0`` on an empty region
+    gives NaN, not 0).
     """
     if logits.ndim < 3:
         raise ValueError(f"logits must be (B, R, *spatial), got shape {tuple(logits.shape)}")
     if target.shape != logits.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal logits shape {tuple(logits.shape)} "
                          f"(one binary target channel per region)")
-    p = torch.sigmoid(logits.float())
-    y = target.float()
-    axes = tuple(range(2, logits.ndim))
-    if batch_dice:
-        axes = (0,) + axes
-    intersection = (p * y).sum(axes)
-    return (2 * intersection + smooth) / (p.sum(axes) + y.sum(axes) + smooth)
+    return soft_dice(torch.sigmoid(logits.float()), target.float(), batch_dice=batch_dice, smooth=smooth, eps=None)
 
 
 def region_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,

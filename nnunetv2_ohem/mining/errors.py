@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_ohem.losses.blob import per_sample_blob_error, split_packed_target
+from nnunetv2_ohem.losses.dice import soft_dice
 
 RANKING_ERRORS = ("dice", "dc_ce", "ce")
 
@@ -69,7 +70,8 @@ def per_sample_dice_loss(logits: torch.Tensor, target: torch.Tensor, regions: bo
 
     ``p`` = softmax (labels) or sigmoid (regions) of the logits, sums over the voxels of patch ``i`` that are
     not ignored, ``c`` over classes (without background for labels unless ``do_bg``; every region channel for
-    regions), ``s = smooth`` (nnU-Net: 1e-5). The paper's mining and training loss (Dice).
+    regions), ``s = smooth`` (nnU-Net: 1e-5). The paper's mining and training loss (Dice): one minus
+    :func:`~nnunetv2_ohem.losses.dice.soft_dice` with no reduction over the batch.
     """
     onehot, mask = _prepare(logits, target, regions, ignore_label, has_ignore_channel)
     probs = torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
@@ -77,12 +79,7 @@ def per_sample_dice_loss(logits: torch.Tensor, target: torch.Tensor, regions: bo
         do_bg = regions
     if not do_bg:
         probs, onehot = probs[:, 1:], onehot[:, 1:]
-    axes = tuple(range(2, logits.ndim))
-    intersect = (probs * onehot * mask).sum(axes)
-    sum_pred = (probs * mask).sum(axes)
-    sum_gt = (onehot * mask).sum(axes)
-    dice = (2 * intersect + smooth) / (sum_pred + sum_gt + smooth).clamp_min(1e-8)
-    return 1.0 - dice.mean(1)
+    return 1.0 - soft_dice(probs, onehot, mask, smooth=smooth, reduction="per_sample")
 
 
 def per_sample_ce(logits: torch.Tensor, target: torch.Tensor, regions: bool = False,
