@@ -1,4 +1,7 @@
-"""One shared, validated, atomic writer for nnU-Net raw datasets.
+"""One shared, validated, atomic writer for nnU-Net raw datasets: the dataset description converters fill
+in (:class:`DatasetSpec`), the writer (:func:`write_dataset`) and its summary. Reading and checking single
+NIfTI files (headers, truncation, NaN/Inf, integer labels) is :mod:`nnunetv2_ohem.dataset_conversion.nifti`,
+shared with the evaluator's reader.
 
 Every converter (``msseg2``, ``valdo``, ``brats``, ``acdc``) only *discovers* its cases and describes its
 dataset in a :class:`DatasetSpec`; :func:`write_dataset` does everything else the same way for all of them:
@@ -205,6 +208,7 @@ def check_source_dir(source_dir: str) -> str:
 
 
 def visible_entries(folder: str) -> List[str]:
+    """Sorted names in ``folder`` without hidden ones (``.DS_Store``, editors' and our own temporary files)."""
     return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 
@@ -251,7 +255,7 @@ def scan_case_dirs(source: str, is_case: Callable[[str], bool], what: str
     return cases, skipped
 
 
-# ---------------------------------------------------------------------------------------- reading, checks
+# ---------------------------------------------------------------------------------------- reading
 
 def read_image(path: str, label: bool = False) -> sitk.Image:
     """Read a 3D single-component image with the shared validated reader
@@ -264,10 +268,6 @@ def read_image(path: str, label: bool = False) -> sitk.Image:
     if image.GetDimension() != 3:
         raise ConversionError(f"{path}: image is {image.GetDimension()}D, expected 3D")
     return image
-
-
-def _same_grid(a: Geometry, b: Geometry) -> bool:
-    return a == b
 
 
 def _convert_case(case: Case, out_root: str, label_map: Dict[int, int], num_channels: int) -> CaseReport:
@@ -300,7 +300,9 @@ def _convert_case(case: Case, out_root: str, label_map: Dict[int, int], num_chan
     copied = encoded = 0
     for channel, (path, image) in enumerate(zip(case.images, images)):
         target = os.path.join(images_dir, f"{case.identifier}_{channel:04d}{FILE_ENDING}")
-        if path.endswith(FILE_ENDING) and _same_grid(reference, Geometry.of(image)):
+        # exact equality, not the tolerance: a grid within the tolerance must get the first channel's geometry,
+        # which a byte copy (keeping the file's own header) would not give it
+        if path.endswith(FILE_ENDING) and Geometry.of(image) == reference:
             shutil.copyfile(path, target)
             copied += 1
         else:
@@ -313,7 +315,7 @@ def _convert_case(case: Case, out_root: str, label_map: Dict[int, int], num_chan
         target = os.path.join(labels_dir, case.identifier + FILE_ENDING)
         identity = all(k == v for k, v in label_map.items())
         if (identity and case.label.endswith(FILE_ENDING) and label_img.GetPixelID() == sitk.sitkUInt8
-                and _same_grid(reference, Geometry.of(label_img))):
+                and Geometry.of(label_img) == reference):
             shutil.copyfile(case.label, target)
             copied += 1
         else:
