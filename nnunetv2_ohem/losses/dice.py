@@ -10,7 +10,10 @@ i.e. the soft Dice with no reduction over the batch (``reduction="per_sample"``)
 Callers: ``mining.errors.per_sample_dice_loss`` (OHEM ranking, masks ignored voxels), ``losses.region_dice``
 (BTRSeg loss, sigmoid regions, optional ``batch_dice``) and the blob loss (``losses.blob``), which does not
 have voxels at hand but per-instance sums and so calls :func:`soft_dice_from_sums` directly, both for the
-per-blob Dice and for the DC+CE it fuses into the same pass.
+per-blob Dice and for the DC+CE it fuses into the same pass. nnU-Net's own ``MemoryEfficientSoftDiceLoss``
+(the global term of the OHEM and blob trainers) stays nnU-Net's: same formula, but it is nnU-Net's code path
+that the trainers must keep. The BTRSeg region Dice never clamped its denominator, so it passes ``eps=None``
+rather than changing its result for ``smooth = 0``.
 """
 from typing import Optional, Sequence
 
