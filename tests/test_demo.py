@@ -191,6 +191,15 @@ def _png_ok(path):
     assert float(img[..., :3].std()) > 0.01, f"{path} is blank"
 
 
+def _weights(checkpoint):
+    import torch
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
 # one method keeps the smoke run within the suite's time share (each method adds a training and a prediction
 # subprocess); the multi-method table is covered by the fixed-metrics tests above
 SMOKE = ["--cases", "3", "--test_cases", "2", "--epochs", "1", "--iterations", "2", "--val_iterations", "1",
@@ -237,6 +246,18 @@ def test_demo_end_to_end_reuse_and_fresh(cli, tmp_path):
     assert {v["status"] for v in run["steps"].values()} == {"reused"}
     assert os.path.getmtime(ckpt) == mtime
     assert second < first / 3
+    html = report.read_text()
+    for fact in ("train_seed", "machine", "core", "wall seconds of the steps"):
+        assert fact in html, f"the report does not state {fact!r}"
+
+    # reproducible: the same training seed gives the same weights and metrics, another seed other weights
+    cases = out / "metrics" / f"{methods[0]}_cases.csv"
+    first_weights, first_cases = _weights(ckpt), cases.read_text()
+    cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE, "--train_seed", "1", "--until", "train"])
+    assert not _same_weights(_weights(ckpt), first_weights)
+    cli(["nnunetv2_ohem_demo", "--out", str(out), *SMOKE])
+    assert _same_weights(_weights(ckpt), first_weights)
+    assert cases.read_text() == first_cases
 
     phantom = out / "phantoms" / "MSSEG2" / "training" / "001" / "ground_truth.nii.gz"
     before = os.path.getmtime(phantom)

@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isotropic phantom voxel size in mm (1 = template resolution; larger trains faster)")
     p.add_argument("--lesion_volume", type=float, nargs=2, default=list(_D.lesion_volume), metavar=("LO", "HI"),
                    help="new-lesion volumes in mm³ (a few lesions up to 5*HI); 1 50 is MSSEG-II-like and much harder")
-    p.add_argument("--seed", type=int, default=_D.seed, help="phantom seed")
+    p.add_argument("--seed", type=int, default=_D.seed, help="phantom seed (same seed: byte-identical phantoms)")
+    p.add_argument("--train_seed", type=int, default=_D.train_seed,
+                   help="training seed (network initialisation, patch sampling, augmentation); same seed on the "
+                        "same machine: same metrics. -1: unseeded, as plain nnU-Net")
     p.add_argument("-d", "--dataset_id", type=int, default=_D.dataset_id, help="nnU-Net dataset id of the phantoms")
     p.add_argument("--features", type=int, nargs="+", default=list(_D.features), help="U-Net features per stage")
     p.add_argument("--patch", type=int, default=_D.patch, help="patch edge (voxels)")
@@ -66,7 +69,8 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = DemoConfig(out=args.out, n_train=args.cases, n_test=args.test_cases, voxel_size=args.voxel_size,
                          lesion_volume=tuple(args.lesion_volume),
-                         seed=args.seed, dataset_id=args.dataset_id, methods=tuple(args.methods),
+                         seed=args.seed, train_seed=None if args.train_seed == -1 else args.train_seed,
+                         dataset_id=args.dataset_id, methods=tuple(args.methods),
                          epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
                          features=tuple(args.features), patch=args.patch, batch=args.batch, device=args.device,
                          fresh=args.fresh, until=args.until, progress=show_progress(args.no_progress))

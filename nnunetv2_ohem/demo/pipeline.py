@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from nnunetv2_ohem.atomic import write_text_atomic
+from nnunetv2_ohem.demo.methods import NAMES, trainer_for
 
-KNOWN_METHODS = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling",
-                 "nnUNetTrainerOHEM", "nnUNetTrainerOHEMEMA_DiceMining", "nnUNetTrainerOHEMEMA_CE")
+KNOWN_METHODS = NAMES
 STAMP = ".nnunetv2_ohem_demo"
 OUTPUT_ENTRIES = ("phantoms", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "metrics",
                   "report", "steps", "logs", "runs.jsonl")
@@ -98,11 +98,6 @@ class DemoConfig:
     @property
     def plans_identifier(self) -> str:
         return "nnUNetDemoPlans"
-
-
-def trainer_for(method: str) -> str:
-    """Demo-length trainer class that ``method`` runs as (see :mod:`nnunetv2_ohem.training.demo`)."""
-    return f"{method}_Demo"
 
 
 def resolve_device(device: str) -> str:
@@ -326,11 +321,10 @@ class HeldOutPredictor:
 
         import torch
         if self._predictor is None:
-            self._predictor = paired_tile_predictor_class()(tile_step_size=TILE_STEP_SIZE, use_gaussian=True,
-                                              use_mirroring=False,
-                                              perform_everything_on_device=self.device == "cuda",
-                                              device=torch.device(self.device), verbose=False,
-                                              verbose_preprocessing=False, allow_tqdm=False)
+            self._predictor = paired_tile_predictor_class()(
+                tile_step_size=TILE_STEP_SIZE, use_gaussian=True, use_mirroring=False,
+                perform_everything_on_device=self.device == "cuda", device=torch.device(self.device),
+                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir)
         with open(log_path, "w") as log, contextlib.redirect_stdout(log):
@@ -344,53 +338,87 @@ class HeldOutPredictor:
                                                           overwrite=True)
 
 
-def run_demo(cfg: DemoConfig) -> Dict:
-    """Run (or resume) the whole demo; returns ``{"out", "report", "steps", "seconds"}``."""
-    t0 = time.time()
-    paths = prepare_output(cfg)
-    device = resolve_device(cfg.device)
+def train_environment(cfg: DemoConfig, paths: Paths, device: str, epochs: Optional[int] = None,
+                      train_seed: Optional[int] = None) -> Dict[str, str]:
+    """Environment of a demo trainer's ``nnUNetv2_train``: :func:`nnunet_env` plus the schedule and the
+    training seed (``epochs`` / ``train_seed`` override the config's; a seed of None leaves training unseeded)."""
+    from nnunetv2_ohem import envvars
+    from nnunetv2_ohem.training import demo as demo_trainers
     env = nnunet_env(paths, device)
-    # nnunetv2 reads its folders at import time: set them before anything below imports it
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    runner = StepRunner(paths, cfg.progress)
-    stop = STEP_ORDER.index(cfg.until) if cfg.until else len(STEP_ORDER) - 1
-    n_total = 3 + 3 * len(cfg.methods) + 1
-    bar = tqdm(total=n_total, desc="demo", unit="step", disable=not cfg.progress, position=0)
+    for name, value in ((demo_trainers.ENV_EPOCHS, cfg.epochs if epochs is None else epochs),
+                        (demo_trainers.ENV_ITERATIONS, cfg.iterations),
+                        (demo_trainers.ENV_VAL_ITERATIONS, cfg.val_iterations)):
+        envvars.set_value(name, value, env)
+    seed = cfg.train_seed if train_seed is None else train_seed
+    if seed is None:
+        envvars.unset(demo_trainers.ENV_SEED, env)
+    else:
+        envvars.set_value(demo_trainers.ENV_SEED, seed, env)
+    return env
 
-    def step(name, settings, upstream, fn):
-        runner.run(name, settings, upstream, fn)
-        bar.update(1)
 
-    def finish():
-        bar.close()
-        seconds = time.time() - t0
-        entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "seconds": seconds,
-                 "config": asdict(cfg), "device": device, "steps": runner.record}
-        with open(paths.runs, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        return {"out": paths.out, "report": os.path.join(paths.report, "report.html"), "steps": runner.record,
-                "seconds": seconds}
+def train_command(cfg: DemoConfig, method: str, device: str) -> List[str]:
+    """The stock ``nnUNetv2_train`` command line of ``method``'s demo trainer (fold 0 of the one-fold split)."""
+    return [console_script("nnUNetv2_train"), str(cfg.dataset_id), "3d_fullres", "0", "-tr", trainer_for(method),
+            "-p", cfg.plans_identifier, "-device", device]
 
-    phantom_settings = {"n_train": cfg.n_train, "n_test": cfg.n_test, "seed": cfg.seed,
-                        "config": asdict(_phantom_config(cfg))}
+
+def train_method(cfg: DemoConfig, paths: Paths, env: Dict[str, str], method: str, device: str, log_path: str,
+                 epochs: int, progress: bool) -> None:
+    """Train ``method`` from scratch (its model folder under ``env['nnUNet_results']`` is replaced), with an
+    epoch progress bar fed by nnU-Net's log lines."""
+    results = env["nnUNet_results"]
+    model_dir = os.path.join(results, cfg.dataset_name, f"{trainer_for(method)}__{cfg.plans_identifier}__3d_fullres")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    epoch_bar = tqdm(total=epochs, desc=f"train {method}", unit="epoch", leave=False, disable=not progress,
+                     position=1)
+
+    def on_line(line):
+        m = _EPOCH_RE.match(line.strip())
+        if m:
+            epoch_bar.n = int(m.group(1))
+            epoch_bar.refresh()
+    try:
+        run_logged(train_command(cfg, method, device), env, log_path, f"train/{method}", on_line)
+    finally:
+        epoch_bar.close()
+
+
+def evaluate_method(paths: Paths, method: str) -> Dict:
+    """MSSEG-II metrics of ``method``'s held-out predictions, written to ``metrics/``; returns the aggregate."""
+    from nnunetv2_ohem.evaluation.api import evaluate_folders
+    df, agg = evaluate_folders("msseg2", paths.test_labels, os.path.join(paths.predictions, method))
+    os.makedirs(paths.metrics, exist_ok=True)
+    agg = dict(agg, method=method, trainer=trainer_for(method), train_seconds=step_seconds(paths, f"train/{method}"))
+    write_text_atomic(os.path.join(paths.metrics, f"{method}_cases.csv"), df.to_csv(index=False))
+    write_text_atomic(os.path.join(paths.metrics, f"{method}.json"), json.dumps(agg, indent=1))
+    return agg
+
+
+@dataclass
+class Step:
+    """One row of the demo's step table: ``stage`` is its entry in :data:`STEP_ORDER` (for ``--until``)."""
+    name: str
+    stage: str
+    settings: Dict
+    upstream: Tuple[str, ...]
+    run: Callable[[], Any]
+
+
+def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
+    """The demo as a table of steps, in order."""
+    env = nnunet_env(paths, device)
+    phantom_cfg = _phantom_config(cfg)
 
     def make_phantoms():
         from nnunetv2_ohem.phantoms.mni import write_msseg2_phantoms
-        write_msseg2_phantoms(paths.phantoms, n_subjects=cfg.n_train, seed=cfg.seed, config=_phantom_config(cfg),
+        write_msseg2_phantoms(paths.phantoms, n_subjects=cfg.n_train, seed=cfg.seed, config=phantom_cfg,
                               overwrite=True, progress=cfg.progress, n_test=cfg.n_test)
-
-    step("phantoms", phantom_settings, [], make_phantoms)
-    if stop == 0:
-        return finish()
 
     def convert():
         from nnunetv2_ohem.dataset_conversion.msseg2 import convert_msseg2
         convert_msseg2(paths.phantoms, cfg.dataset_id, name="MSSEG2Phantom", raw_dir=paths.raw, overwrite=True,
                        num_processes=2)
-
-    step("convert", {"dataset_id": cfg.dataset_id}, ["phantoms"], convert)
-    if stop == 1:
-        return finish()
 
     def plan():
         shutil.rmtree(os.path.join(paths.preprocessed, cfg.dataset_name), ignore_errors=True)
@@ -401,75 +429,79 @@ def run_demo(cfg: DemoConfig) -> Dict:
         write_single_split(os.path.join(paths.dataset_raw, "labelsTr"),
                            os.path.join(paths.preprocessed, cfg.dataset_name, "splits_final.json"))
 
-    step("plan", {"features": list(cfg.features), "patch": cfg.patch, "batch": cfg.batch}, ["convert"], plan)
-    if stop == 2:
-        return finish()
-
-    train_env = dict(env)
-    from nnunetv2_ohem.training import demo as _names  # noqa: F401  (fails early if a trainer is missing)
-    train_env.update({_names.ENV_EPOCHS: str(cfg.epochs), _names.ENV_ITERATIONS: str(cfg.iterations),
-                      _names.ENV_VAL_ITERATIONS: str(cfg.val_iterations)})
-    if cfg.train_seed is not None:
-        train_env[_names.ENV_SEED] = str(cfg.train_seed)
     schedule = {"epochs": cfg.epochs, "iterations": cfg.iterations, "val_iterations": cfg.val_iterations,
                 "device": device, "train_seed": cfg.train_seed}
-    for method in cfg.methods:
-        def train(method=method):
-            shutil.rmtree(os.path.dirname(paths.training_output(cfg, method)), ignore_errors=True)
-            epoch_bar = tqdm(total=cfg.epochs, desc=f"train {method}", unit="epoch", leave=False,
-                             disable=not cfg.progress, position=1)
-
-            def on_line(line):
-                m = _EPOCH_RE.match(line.strip())
-                if m:
-                    epoch_bar.n = int(m.group(1))
-                    epoch_bar.refresh()
-            cmd = [console_script("nnUNetv2_train"), str(cfg.dataset_id), "3d_fullres", "0", "-tr", trainer_for(method),
-                   "-p", cfg.plans_identifier, "-device", device]
-            try:
-                run_logged(cmd, train_env, os.path.join(paths.logs, f"train_{method}.log"), f"train/{method}",
-                           on_line)
-            finally:
-                epoch_bar.close()
-        step(f"train/{method}", schedule, ["plan"], train)
-    if stop == 3:
-        return finish()
-
     predictor = HeldOutPredictor(device)
-    for method in cfg.methods:
-        def predict(method=method):
-            predictor.predict(os.path.dirname(paths.training_output(cfg, method)), paths.test_images,
-                              os.path.join(paths.predictions, method),
-                              os.path.join(paths.logs, f"predict_{method}.log"))
-        step(f"predict/{method}", {"device": device, "tile_step_size": TILE_STEP_SIZE}, [f"train/{method}"],
-             predict)
-    if stop == 4:
-        return finish()
 
-    for method in cfg.methods:
-        def evaluate(method=method):
-            from nnunetv2_ohem.evaluation.api import evaluate_folders
-            df, agg = evaluate_folders("msseg2", paths.test_labels, os.path.join(paths.predictions, method))
-            os.makedirs(paths.metrics, exist_ok=True)
-            agg = dict(agg, method=method, trainer=trainer_for(method),
-                       train_seconds=step_seconds(paths, f"train/{method}"))
-            write_text_atomic(os.path.join(paths.metrics, f"{method}_cases.csv"), df.to_csv(index=False))
-            write_text_atomic(os.path.join(paths.metrics, f"{method}.json"), json.dumps(agg, indent=1))
-        step(f"evaluate/{method}", {}, [f"predict/{method}"], evaluate)
-    if stop == 5:
-        return finish()
+    def train(method):
+        train_method(cfg, paths, train_environment(cfg, paths, device), method, device,
+                     os.path.join(paths.logs, f"train_{method}.log"), cfg.epochs, cfg.progress)
+
+    def predict(method):
+        predictor.predict(os.path.dirname(paths.training_output(cfg, method)), paths.test_images,
+                          os.path.join(paths.predictions, method), os.path.join(paths.logs, f"predict_{method}.log"))
 
     def report():
         from nnunetv2_ohem.demo.report import build_report
+        seconds = sum(step_seconds(paths, s.name) or 0.0 for s in steps if s.stage != "report")
         build_report(paths.out, list(cfg.methods), {m: paths.training_output(cfg, m) for m in cfg.methods},
                      paths.test_images, paths.test_labels, paths.predictions, paths.metrics, paths.report,
-                     run_info={"device": device, **schedule, "n_train": cfg.n_train, "n_test": cfg.n_test,
-                               "voxel_size_mm": cfg.voxel_size, "new lesion volume mm³": list(cfg.lesion_volume),
-                               "seed": cfg.seed, "U-Net features": list(cfg.features), "patch": cfg.patch,
-                               "batch": cfg.batch})
+                     run_info={"device": device, "machine": machine_description(device), **schedule,
+                               "n_train": cfg.n_train, "n_test": cfg.n_test, "voxel_size_mm": cfg.voxel_size,
+                               "new lesion volume mm³": list(cfg.lesion_volume), "phantom seed": cfg.seed,
+                               **({"phantom options": cfg.phantom_options} if cfg.phantom_options else {}),
+                               "U-Net features": list(cfg.features), "patch": cfg.patch, "batch": cfg.batch,
+                               "wall seconds of the steps above (when they ran)": round(seconds, 1)})
 
-    step("report", {"methods": list(cfg.methods)}, [f"evaluate/{m}" for m in cfg.methods], report)
-    return finish()
+    steps = [Step("phantoms", "phantoms", {"n_train": cfg.n_train, "n_test": cfg.n_test, "seed": cfg.seed,
+                                           "config": asdict(phantom_cfg)}, (), make_phantoms),
+             Step("convert", "convert", {"dataset_id": cfg.dataset_id}, ("phantoms",), convert),
+             Step("plan", "plan", {"features": list(cfg.features), "patch": cfg.patch, "batch": cfg.batch},
+                  ("convert",), plan)]
+    steps += [Step(f"train/{m}", "train", schedule, ("plan",), functools.partial(train, m)) for m in cfg.methods]
+    steps += [Step(f"predict/{m}", "predict", {"device": device, "tile_step_size": TILE_STEP_SIZE},
+                   (f"train/{m}",), functools.partial(predict, m)) for m in cfg.methods]
+    steps += [Step(f"evaluate/{m}", "evaluate", {}, (f"predict/{m}",), functools.partial(evaluate_method, paths, m))
+              for m in cfg.methods]
+    steps.append(Step("report", "report", {"methods": list(cfg.methods)},
+                      tuple(f"evaluate/{m}" for m in cfg.methods), report))
+    return steps
 
 
-__all__ = ["DemoConfig", "DemoError", "run_demo", "KNOWN_METHODS", "trainer_for", "Paths"]
+def machine_description(device: str) -> str:
+    """What reports name as the machine: CPU cores and architecture, plus the GPU model on CUDA."""
+    import platform
+    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    if device == "cuda":
+        import torch
+        return f"{torch.cuda.get_device_name(0)} ({cpu})"
+    return f"{cpu}, no GPU" if device == "cpu" else f"{device} ({cpu})"
+
+
+def run_demo(cfg: DemoConfig) -> Dict:
+    """Run (or resume) the whole demo (up to ``cfg.until``); returns ``{"out", "report", "steps", "seconds"}``."""
+    t0 = time.time()
+    paths = prepare_output(cfg)
+    device = resolve_device(cfg.device)
+    # nnunetv2 reads its folders at import time: set them before anything below imports it
+    os.environ.update({k: v for k, v in nnunet_env(paths, device).items()
+                       if k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    runner = StepRunner(paths, cfg.progress)
+    last = STEP_ORDER.index(cfg.until) if cfg.until else len(STEP_ORDER) - 1
+    steps = [s for s in demo_steps(cfg, paths, device) if STEP_ORDER.index(s.stage) <= last]
+    with tqdm(total=len(steps), desc="demo", unit="step", disable=not cfg.progress, position=0) as bar:
+        for s in steps:
+            runner.run(s.name, s.settings, s.upstream, s.run)
+            bar.update(1)
+    seconds = time.time() - t0
+    entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "seconds": seconds,
+             "config": asdict(cfg), "device": device, "machine": machine_description(device),
+             "steps": runner.record}
+    with open(paths.runs, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return {"out": paths.out, "report": os.path.join(paths.report, "report.html"), "steps": runner.record,
+            "seconds": seconds}
+
+
+__all__ = ["DemoConfig", "DemoError", "run_demo", "demo_steps", "KNOWN_METHODS", "trainer_for", "Paths",
+           "train_command", "train_environment", "HeldOutPredictor"]

@@ -25,32 +25,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunetv2_ohem import ohem_diagnostics as diagnostics
 from nnunetv2_ohem.atomic import atomic_path, write_text_atomic
-from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, Paths, console_script,
-                                         nnunet_env, resolve_device, run_demo, run_logged, trainer_for)
+from nnunetv2_ohem.demo.methods import METHODS
+from nnunetv2_ohem.demo.pipeline import (KNOWN_METHODS, DemoConfig, DemoError, HeldOutPredictor, Paths,
+                                         machine_description, resolve_device, run_demo, train_environment,
+                                         train_method)
 
-#: display names (the paper's terms; the ranking error in brackets)
-METHOD_LABELS = {
-    "nnUNetTrainer": "plain nnU-Net",
-    "nnUNetTrainer_probabilisticOversampling": "uniform p",
-    "nnUNetTrainerOHEM": "OHEM (mu=0, DC+CE)",
-    "nnUNetTrainerOHEMEMA": "OHEM-EMA (DC+CE ranking)",
-    "nnUNetTrainerOHEMEMA_DiceMining": "OHEM-EMA (Dice ranking, paper)",
-    "nnUNetTrainerOHEMEMA_CE": "OHEM-EMA (CE ranking)",
-}
-DEFAULT_METHODS = ("nnUNetTrainer", "nnUNetTrainer_probabilisticOversampling", "nnUNetTrainerOHEM",
-                   "nnUNetTrainerOHEMEMA", "nnUNetTrainerOHEMEMA_DiceMining", "nnUNetTrainerOHEMEMA_CE")
+#: display names (the paper's terms; the ranking error in brackets), from the demo's method registry
+METHOD_LABELS = {name: m.label for name, m in METHODS.items()}
+DEFAULT_METHODS = ("nnUNetTrainer", "nnUNetTrainerEMA", "nnUNetTrainer_probabilisticOversampling",
+                   "nnUNetTrainerOHEM", "nnUNetTrainerOHEMEMA", "nnUNetTrainerOHEMEMA_DiceMining",
+                   "nnUNetTrainerOHEMEMA_CE")
 BUDGETS = ("iterations", "time")
 #: results.csv column -> path into the msseg2 aggregate (means over cases with lesions / lesion-free cases)
 METRICS = {
@@ -238,14 +233,14 @@ def _get(agg: Dict, path: Tuple[str, str]) -> float:
 
 
 def train_predict_evaluate(cfg: StudyConfig, paths: Paths, device: str, budget: str, method: str, seed: int,
-                           epochs: int) -> Dict:
-    """One study run through the stock CLIs; returns (and stores as ``result.json``) its results row. Reused
-    when a finished ``result.json`` with the same settings exists."""
+                           epochs: int, predictor: Optional[HeldOutPredictor] = None) -> Dict:
+    """One study run: the demo's training command and predictor, MSSEG-II metrics; returns (and stores as
+    ``result.json``) its results row. Reused when a finished ``result.json`` with the same settings exists."""
     from nnunetv2_ohem.evaluation.api import evaluate_folders
-    from nnunetv2_ohem.training import demo as names
     run_dir = _run_dir(cfg, budget, method, seed)
+    demo_cfg = cfg.demo_config()
     settings = {"method": method, "seed": seed, "epochs": epochs, "iterations": cfg.iterations,
-                "val_iterations": cfg.val_iterations, "device": device, "data": asdict(cfg.demo_config())}
+                "val_iterations": cfg.val_iterations, "device": device, "data": asdict(demo_cfg)}
     settings = json.loads(json.dumps(settings))
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
@@ -255,26 +250,20 @@ def train_predict_evaluate(cfg: StudyConfig, paths: Paths, device: str, budget: 
             return done["row"]
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    env = nnunet_env(paths, device)
+    env = train_environment(demo_cfg, paths, device, epochs=epochs, train_seed=seed)
     env["nnUNet_results"] = os.path.join(run_dir, "nnUNet_results")
     if cfg.jobs > 1 and device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")  # parallel runs share the cores instead of fighting for them
-    train_env = dict(env, **{names.ENV_EPOCHS: str(epochs), names.ENV_ITERATIONS: str(cfg.iterations),
-                             names.ENV_VAL_ITERATIONS: str(cfg.val_iterations), names.ENV_SEED: str(seed)})
-    trainer = trainer_for(method)
-    tag = f"{budget}/{method}/seed{seed}"
     t0 = time.time()
-    run_logged([console_script("nnUNetv2_train"), str(cfg.dataset_id), "3d_fullres", "0", "-tr", trainer,
-                "-p", "nnUNetDemoPlans", "-device", device], train_env, os.path.join(run_dir, "train.log"),
-               f"train {tag}")
+    train_method(demo_cfg, paths, env, method, device, os.path.join(run_dir, "train.log"), epochs, False)
     train_wall = time.time() - t0
     with open(os.path.join(run_dir, "train.log")) as f:
         epoch_times = parse_epoch_times(f.read())
     pred_dir = os.path.join(run_dir, "predictions")
-    run_logged([console_script("nnUNetv2_predict"), "-i", paths.test_images, "-o", pred_dir, "-d",
-                str(cfg.dataset_id), "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-p", "nnUNetDemoPlans",
-                "-chk", "checkpoint_final.pth", "--disable_tta", "-device", device, "-step_size", "0.75",
-                "-npp", "1", "-nps", "1"], env, os.path.join(run_dir, "predict.log"), f"predict {tag}")
+    model_dir = os.path.join(env["nnUNet_results"], demo_cfg.dataset_name,
+                             os.path.basename(os.path.dirname(paths.training_output(demo_cfg, method))))
+    (predictor or HeldOutPredictor(device)).predict(model_dir, paths.test_images, pred_dir,
+                                                    os.path.join(run_dir, "predict.log"))
     df, agg = evaluate_folders("msseg2", paths.test_labels, pred_dir)
     df.to_csv(os.path.join(run_dir, "cases.csv"), index=False)
     row = {"budget": budget, "method": method, "label": METHOD_LABELS.get(method, method), "seed": seed,
@@ -430,15 +419,6 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
             fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return found
-
-
-def machine_description(device: str) -> str:
-    """What the summary names as the machine: CPU cores and architecture, plus the GPU model on CUDA."""
-    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
-    if device == "cuda":
-        import torch
-        return f"{torch.cuda.get_device_name(0)} ({cpu})"
-    return f"{cpu}, no GPU" if device == "cpu" else f"{device} ({cpu})"
 
 
 def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str,

@@ -3,26 +3,24 @@
 ``nnunetv2_ohem_demo`` trains ``<method>_Demo`` through stock ``nnUNetv2_train``. Every variant has the same
 default schedule (:data:`DEMO_EPOCHS` x :data:`DEMO_ITERATIONS`), so the methods get the same number of
 optimiser steps on the same number of patches. The demo CLI's ``--epochs`` / ``--iterations`` reach the
-trainer in the ``nnUNetv2_train`` subprocess through the environment variables below (nnU-Net has no
-command-line switch for the schedule); outside the demo they are unset and the defaults apply.
+trainer in the ``nnUNetv2_train`` subprocess through the ``nnUNet_ohem_demo_*`` environment variables
+(:mod:`nnunetv2_ohem.envvars`; nnU-Net has no command-line switch for the schedule); outside the demo they
+are unset and the defaults apply. One variant per method of :data:`nnunetv2_ohem.demo.methods.METHODS`.
 
 The variants skip nnU-Net's final validation (sliding-window prediction of the validation fold, with
 mirroring TTA): the demo scores held-out cases with ``nnUNetv2_predict`` instead, and on a 2-core CPU the
 validation fold would cost more than the training itself. Per-epoch pseudo Dice is still computed.
 """
-import os
+
+import importlib
 import random
 
 import numpy as np
 import torch
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilisticOversampling import \
-    nnUNetTrainer_probabilisticOversampling
-
+from nnunetv2_ohem import envvars
+from nnunetv2_ohem.demo.methods import METHODS
 from nnunetv2_ohem.training.common import with_training_length
-from nnunetv2_ohem.training.ohem import (nnUNetTrainerOHEM, nnUNetTrainerOHEMEMA, nnUNetTrainerOHEMEMA_CE,
-                                         nnUNetTrainerOHEMEMA_DiceMining)
 
 DEMO_EPOCHS = 60
 DEMO_ITERATIONS = 10
@@ -30,27 +28,14 @@ DEMO_VAL_ITERATIONS = 2
 #: nnU-Net redraws its 30 x 54 inch progress.png after every epoch (~0.7 s on a 2-core CPU, as long as the
 #: epoch itself at the demo's size); the demo trainers redraw it every this many epochs and after the last
 PLOT_EVERY = 10
-ENV_EPOCHS = "NNUNETV2_OHEM_DEMO_EPOCHS"
-ENV_ITERATIONS = "NNUNETV2_OHEM_DEMO_ITERATIONS"
-ENV_VAL_ITERATIONS = "NNUNETV2_OHEM_DEMO_VAL_ITERATIONS"
+ENV_EPOCHS = envvars.DEMO_EPOCHS
+ENV_ITERATIONS = envvars.DEMO_ITERATIONS
+ENV_VAL_ITERATIONS = envvars.DEMO_VAL_ITERATIONS
 #: training seed (the study's repetitions): seeds Python's, NumPy's and torch's global generators when the
 #: trainer is built, i.e. before nnU-Net creates the network (initial weights) and its data loaders (case and
 #: patch choice, foreground oversampling, augmentation; with nnUNet_n_proc_DA=0 these all draw from the global
 #: NumPy/torch generators). Unset: nnU-Net's usual unseeded behaviour.
-ENV_SEED = "NNUNETV2_OHEM_DEMO_SEED"
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        parsed = int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer") from None
-    if parsed < 1:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
-    return parsed
+ENV_SEED = envvars.DEMO_SEED
 
 
 def seed_everything(seed: int) -> None:
@@ -79,18 +64,20 @@ def _demo_variant(base, name: str):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         fixed_init(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = _env_int(ENV_EPOCHS, self.num_epochs)
-        self.num_iterations_per_epoch = _env_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
-        self.num_val_iterations_per_epoch = _env_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+        self.num_epochs = envvars.get_int(ENV_EPOCHS, self.num_epochs, positive=True)
+        self.num_iterations_per_epoch = envvars.get_int(ENV_ITERATIONS, self.num_iterations_per_epoch,
+                                                        positive=True)
+        self.num_val_iterations_per_epoch = envvars.get_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch,
+                                                            positive=True)
         throttle_progress_plot(self, PLOT_EVERY)
-        seed = os.environ.get(ENV_SEED)
-        if seed not in (None, ""):
-            seed_everything(int(seed))
+        seed = envvars.get_int(ENV_SEED)
+        if seed is not None:
+            seed_everything(seed)
             self.print_to_log_file(f"Demo trainer: {ENV_SEED}={seed}")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Demo trainer: final validation skipped (the demo predicts held-out cases with "
-                               "nnUNetv2_predict)")
+                               "nnU-Net's predictor)")
 
     cls.__init__ = __init__
     cls.perform_actual_validation = perform_actual_validation
@@ -98,21 +85,8 @@ def _demo_variant(base, name: str):
     return cls
 
 
-nnUNetTrainer_Demo = _demo_variant(nnUNetTrainer, "nnUNetTrainer_Demo")
-nnUNetTrainer_probabilisticOversampling_Demo = _demo_variant(nnUNetTrainer_probabilisticOversampling,
-                                                             "nnUNetTrainer_probabilisticOversampling_Demo")
-nnUNetTrainerOHEM_Demo = _demo_variant(nnUNetTrainerOHEM, "nnUNetTrainerOHEM_Demo")
-nnUNetTrainerOHEMEMA_Demo = _demo_variant(nnUNetTrainerOHEMEMA, "nnUNetTrainerOHEMEMA_Demo")
-nnUNetTrainerOHEMEMA_DiceMining_Demo = _demo_variant(nnUNetTrainerOHEMEMA_DiceMining,
-                                                     "nnUNetTrainerOHEMEMA_DiceMining_Demo")
-nnUNetTrainerOHEMEMA_CE_Demo = _demo_variant(nnUNetTrainerOHEMEMA_CE, "nnUNetTrainerOHEMEMA_CE_Demo")
-
-#: method name shown in the report -> trainer class the demo runs
-DEMO_TRAINERS = {
-    "nnUNetTrainer": "nnUNetTrainer_Demo",
-    "nnUNetTrainer_probabilisticOversampling": "nnUNetTrainer_probabilisticOversampling_Demo",
-    "nnUNetTrainerOHEM": "nnUNetTrainerOHEM_Demo",
-    "nnUNetTrainerOHEMEMA": "nnUNetTrainerOHEMEMA_Demo",
-    "nnUNetTrainerOHEMEMA_DiceMining": "nnUNetTrainerOHEMEMA_DiceMining_Demo",
-    "nnUNetTrainerOHEMEMA_CE": "nnUNetTrainerOHEMEMA_CE_Demo",
-}
+# nnU-Net finds trainers by scanning module attributes for the class name: each variant is a module global
+for _method in METHODS.values():
+    globals()[_method.trainer] = _demo_variant(getattr(importlib.import_module(_method.module), _method.name),
+                                               _method.trainer)
+del _method
