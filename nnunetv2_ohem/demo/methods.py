@@ -30,6 +30,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("nnUNetTrainerEMA", "nnunetv2_ohem.training.ema", "plain + weight EMA"),
     Method("nnUNetTrainer_probabilisticOversampling",
            "nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilisticOversampling", "uniform p"),
+    Method("nnUNetTrainerDiceTopK10Loss", "nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerTopkLoss",
+           "DC+TopK10 (voxel-level mining)"),
     Method("nnUNetTrainerOHEM", _OHEM, "OHEM (mu=0, DC+CE)"),
     Method("nnUNetTrainerOHEMEMA_DiceMining", _OHEM, "OHEM-EMA (Dice ranking, paper)"),
     Method("nnUNetTrainerOHEMEMA_CE", _OHEM, "OHEM-EMA (CE ranking)"),
