@@ -23,6 +23,9 @@ from tqdm import tqdm
 
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.demo.methods import NAMES, trainer_for
+# shared with the compare engine, which must not import the demo; importable from here as before
+from nnunetv2_ohem.runtime import (TILE_STEP_SIZE, HeldOutPredictor, console_script,  # noqa: F401
+                                   machine_description, paired_tile_predictor_class)
 
 KNOWN_METHODS = NAMES
 STAMP = ".nnunetv2_ohem_demo"
@@ -170,11 +173,6 @@ def nnunet_env(paths: Paths, device: str) -> Dict[str, str]:
     return env
 
 
-def console_script(name: str) -> str:
-    exe = os.path.join(os.path.dirname(sys.executable), name)
-    return exe if os.path.exists(exe) else name
-
-
 def run_logged(cmd: List[str], env: Dict[str, str], log_path: str, step: str,
                on_line: Optional[Callable[[str], None]] = None) -> None:
     """Run ``cmd``, write its output to ``log_path`` and call ``on_line`` per line (progress bars)."""
@@ -279,63 +277,6 @@ def _phantom_config(cfg: DemoConfig):
                                                       **cfg.phantom_options)
     except TypeError as e:  # an unknown setting name
         raise ValueError(f"phantom_options: {e}") from None
-
-
-#: sliding-window stride as a fraction of the patch: 0.75 (stride 24 for patch 32) as in the OHEM-EMA paper,
-#: 2-3x fewer tiles than nnU-Net's default 0.5
-TILE_STEP_SIZE = 0.75
-
-
-@functools.lru_cache(maxsize=1)
-def paired_tile_predictor_class():
-    """``nnUNetPredictor`` that runs each sliding-window tile as a batch of two identical copies on a CPU.
-
-    nnU-Net predicts one tile at a time. On CPUs, PyTorch's oneDNN 3-d convolutions are pathologically slow
-    for a batch of one: the demo's U-Net takes 170-470 ms for one 32³ tile but 19-28 ms for a batch of two
-    (2-core x86_64, ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
-    copy's logits equal the single tile's (up to float rounding)."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    class PairedTilePredictor(nnUNetPredictor):
-        def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] == 1 and self.device.type == "cpu":
-                return super()._internal_maybe_mirror_and_predict(torch.cat([x, x]))[:1]
-            return super()._internal_maybe_mirror_and_predict(x)
-
-    return PairedTilePredictor
-
-
-class HeldOutPredictor:
-    """nnU-Net's own predictor (``nnUNetPredictor``, the class ``nnUNetv2_predict`` runs) kept in this process
-    for every method: one torch/nnU-Net start-up instead of one per method, and no preprocessing/export worker
-    processes (on a small CPU their start-up cost more than predicting 4 small cases). Settings are
-    ``nnUNetv2_predict --disable_tta -step_size 0.75 -chk checkpoint_final.pth -f 0``."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self._predictor = None
-
-    def predict(self, model_dir: str, images: str, out_dir: str, log_path: str) -> None:
-        import contextlib
-
-        import torch
-        if self._predictor is None:
-            self._predictor = paired_tile_predictor_class()(
-                tile_step_size=TILE_STEP_SIZE, use_gaussian=True, use_mirroring=False,
-                perform_everything_on_device=self.device == "cuda", device=torch.device(self.device),
-                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir)
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
-            print(f"nnUNetPredictor(tile_step_size={TILE_STEP_SIZE}, use_mirroring=False, device={self.device})"
-                  f".initialize_from_trained_model_folder({model_dir!r}, use_folds=(0,), "
-                  f"checkpoint_name='checkpoint_final.pth').predict_from_files_sequential({images!r}, "
-                  f"{out_dir!r})", flush=True)
-            self._predictor.initialize_from_trained_model_folder(model_dir, use_folds=(0,),
-                                                                 checkpoint_name="checkpoint_final.pth")
-            self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
-                                                          overwrite=True)
 
 
 def train_environment(cfg: DemoConfig, paths: Paths, device: str, epochs: Optional[int] = None,
@@ -466,16 +407,6 @@ def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
     steps.append(Step("report", "report", {"methods": list(cfg.methods)},
                       tuple(f"evaluate/{m}" for m in cfg.methods), report))
     return steps
-
-
-def machine_description(device: str) -> str:
-    """What reports name as the machine: CPU cores and architecture, plus the GPU model on CUDA."""
-    import platform
-    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
-    if device == "cuda":
-        import torch
-        return f"{torch.cuda.get_device_name(0)} ({cpu})"
-    return f"{cpu}, no GPU" if device == "cpu" else f"{device} ({cpu})"
 
 
 def run_demo(cfg: DemoConfig) -> Dict:

@@ -1,0 +1,158 @@
+"""Process helpers shared by the demo and the compare engine: console scripts, the machine's description,
+training seeds and nnU-Net's predictor kept in the calling process.
+
+They live here, not in the demo, so that the compare engine does not import the demo (the demo's study is a
+user of compare). Import-light: torch and nnU-Net are imported only inside the functions that need them.
+"""
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import threading
+from typing import Iterator, Optional, TextIO
+
+
+def console_script(name: str) -> str:
+    """The console script ``name`` next to this interpreter (a virtual environment's ``bin``), else ``name``
+    for a PATH lookup: a subprocess then runs the nnU-Net of the environment that runs us."""
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    return exe if os.path.exists(exe) else name
+
+
+def machine_description(device: str) -> str:
+    """What reports name as the machine: CPU cores and architecture, plus the GPU model on CUDA."""
+    import platform
+    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    if device == "cuda":
+        import torch
+        return f"{torch.cuda.get_device_name(0)} ({cpu})"
+    return f"{cpu}, no GPU" if device == "cpu" else f"{device} ({cpu})"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators nnU-Net's training draws from (network init, data loading, augmentation)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------- stdout of one thread
+
+class _PerThreadStdout:
+    """``sys.stdout`` stand-in that sends each thread's writes to the file that thread chose, others to the
+    stream it replaced. ``contextlib.redirect_stdout`` swaps the one process-wide stream, so two threads
+    predicting at once (compare ``--jobs``) would write into each other's logs and restore a closed file."""
+
+    def __init__(self, default: TextIO):
+        self.default = default
+        self.local = threading.local()
+
+    def _target(self) -> TextIO:
+        return getattr(self.local, "file", None) or self.default
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name):
+        return getattr(self._target(), name)
+
+
+_STDOUT_LOCK = threading.Lock()
+_STDOUT_USERS = [0]
+
+
+@contextlib.contextmanager
+def thread_stdout_to(file: TextIO) -> Iterator[None]:
+    """Send what this thread prints to ``file`` while the block runs (other threads are not affected)."""
+    with _STDOUT_LOCK:
+        if not isinstance(sys.stdout, _PerThreadStdout):
+            sys.stdout = _PerThreadStdout(sys.stdout)
+        proxy = sys.stdout
+        _STDOUT_USERS[0] += 1
+    previous = getattr(proxy.local, "file", None)
+    proxy.local.file = file
+    try:
+        yield
+    finally:
+        proxy.local.file = previous
+        with _STDOUT_LOCK:
+            _STDOUT_USERS[0] -= 1
+            if _STDOUT_USERS[0] == 0 and sys.stdout is proxy:  # the last user puts the real stream back
+                sys.stdout = proxy.default
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+#: sliding-window stride as a fraction of the patch used by the demo: 0.75 (stride 24 for patch 32) as in the
+#: OHEM-EMA paper, 2-3x fewer tiles than nnU-Net's default 0.5
+TILE_STEP_SIZE = 0.75
+
+
+@functools.lru_cache(maxsize=1)
+def paired_tile_predictor_class():
+    """``nnUNetPredictor`` that runs each sliding-window tile as a batch of two identical copies on a CPU.
+
+    nnU-Net predicts one tile at a time. On CPUs, PyTorch's oneDNN 3-d convolutions are pathologically slow
+    for a batch of one: the demo's U-Net takes 170-470 ms for one 32³ tile but 19-28 ms for a batch of two
+    (2-core x86_64, ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
+    copy's logits equal the single tile's (up to float rounding)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class PairedTilePredictor(nnUNetPredictor):
+        def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 1 and self.device.type == "cpu":
+                return super()._internal_maybe_mirror_and_predict(torch.cat([x, x]))[:1]
+            return super()._internal_maybe_mirror_and_predict(x)
+
+    return PairedTilePredictor
+
+
+class HeldOutPredictor:
+    """nnU-Net's own predictor (``nnUNetPredictor``, the class ``nnUNetv2_predict`` runs) kept in this process:
+    one torch/nnU-Net start-up instead of one per model, and no preprocessing/export worker processes (on a
+    small CPU their start-up costs more than predicting a few small cases). Tiles are paired on a CPU
+    (:func:`paired_tile_predictor_class`). The defaults are the demo's: ``nnUNetv2_predict --disable_tta
+    -step_size 0.75 -chk checkpoint_final.pth -f 0``."""
+
+    def __init__(self, device: str, tile_step_size: float = TILE_STEP_SIZE, use_mirroring: bool = False):
+        self.device = device
+        self.tile_step_size = tile_step_size
+        self.use_mirroring = use_mirroring
+        self._predictor = None
+
+    def predict(self, model_dir: str, images: str, out_dir: str, log_path: str, fold: int = 0,
+                checkpoint: str = "checkpoint_final.pth", command: Optional[str] = None) -> None:
+        """Predict every case of ``images`` into ``out_dir`` (replaced) with fold ``fold`` of ``model_dir``;
+        nnU-Net's messages go to ``log_path``, headed by ``command`` (the equivalent command line) or the
+        API call."""
+        import torch
+        if self._predictor is None:
+            self._predictor = paired_tile_predictor_class()(
+                tile_step_size=self.tile_step_size, use_gaussian=True, use_mirroring=self.use_mirroring,
+                perform_everything_on_device=self.device == "cuda", device=torch.device(self.device),
+                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        with open(log_path, "w") as log, thread_stdout_to(log):
+            print(command or (
+                f"nnUNetPredictor(tile_step_size={self.tile_step_size}, use_mirroring={self.use_mirroring}, "
+                f"device={self.device}).initialize_from_trained_model_folder({model_dir!r}, use_folds=({fold},), "
+                f"checkpoint_name={checkpoint!r}).predict_from_files_sequential({images!r}, {out_dir!r})"),
+                flush=True)
+            self._predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,),
+                                                                 checkpoint_name=checkpoint)
+            self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
+                                                          overwrite=True)
+
+
+__all__ = ["console_script", "machine_description", "seed_everything", "thread_stdout_to", "TILE_STEP_SIZE",
+           "paired_tile_predictor_class", "HeldOutPredictor"]
