@@ -5,6 +5,8 @@ import io
 import json
 import math
 import os
+import random
+import statistics
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,8 @@ from nnunetv2_ohem.compare import engine, select
 from nnunetv2_ohem.evaluation import run_metrics as metrics
 from nnunetv2_ohem.compare.cli import main
 from nnunetv2_ohem.compare.report import summary_markdown
-from nnunetv2_ohem.compare.stats import paired_differences, summarize_runs
+from nnunetv2_ohem.compare.budget import equal_time_epochs, parse_epoch_times
+from nnunetv2_ohem.compare.stats import mean_ci, paired_differences, summarize_runs
 
 # two trainers x three folds (seed 0) + one trainer with a single run, in a second budget
 FIXED_CSV = """budget,trainer,fold,seed,epochs,train_seconds,lesion_f1_pooled,dice
@@ -74,6 +77,72 @@ def test_summary_and_paired_differences_match_hand_computation():
     assert "Too few runs for a confidence interval" in md  # the time budget has one run per trainer
     assert "nan" not in md.lower()
     assert "nnunetv2_ohem_compare x" in md
+
+
+# t_{0.975, 3} from a printed Student-t table
+T975_DF3 = 3.1824
+
+
+def test_mean_ci_hand_computed():
+    # mean 0.4, s = 0.2, s/sqrt(3) = 0.11547, half width = 4.3027 * 0.11547 = 0.49684
+    m, lo, hi = mean_ci([0.2, 0.4, 0.6])
+    assert m == pytest.approx(0.4)
+    assert lo == pytest.approx(0.4 - 0.49684, abs=2e-4) and hi == pytest.approx(0.4 + 0.49684, abs=2e-4)
+    # NaN (e.g. no lesion-free case) is dropped, not propagated
+    m, lo, hi = mean_ci([1.0, float("nan"), 3.0, 2.0, 6.0])
+    half = T975_DF3 * statistics.stdev([1, 3, 2, 6]) / 2
+    assert (m, lo, hi) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-3)
+
+
+def test_mean_ci_matches_loop_reference_on_random_inputs():
+    from scipy import stats
+    rng = random.Random(3)
+    for _ in range(20):
+        n = rng.randint(2, 9)
+        x = [rng.uniform(-2, 5) for _ in range(n)]
+        mean = sum(x) / n
+        var = sum((v - mean) ** 2 for v in x) / (n - 1)
+        half = stats.t.ppf(0.975, n - 1) * math.sqrt(var / n)
+        assert mean_ci(x) == pytest.approx((mean, mean - half, mean + half), rel=1e-9, abs=1e-12)
+
+
+def test_mean_ci_degenerate_inputs():
+    assert mean_ci([0.7])[0] == 0.7 and all(math.isnan(v) for v in mean_ci([0.7])[1:])
+    assert all(math.isnan(v) for v in mean_ci([]))
+    with pytest.raises(ValueError, match="level"):
+        mean_ci([1, 2], level=1.5)
+
+
+def test_equal_time_epochs():
+    # reference: 4 epochs of 3 s = 12 s; a method at 6 s per epoch gets 2 epochs
+    assert equal_time_epochs([[3, 3, 3, 3]], [[6, 6, 6, 6]]) == 2
+    # 10 s / 3 s = 3.33 -> 3; 10 s / 1.9 s = 5.26 -> 5; the reference against itself keeps its epochs
+    assert equal_time_epochs([[5, 5]], [[3, 3]]) == 3
+    assert equal_time_epochs([[4, 6]], [[1.9]]) == 5
+    assert equal_time_epochs([[2.1, 1.9, 2.0]], [[2.1, 1.9, 2.0]]) == 3
+    assert equal_time_epochs([[1.0]], [[50.0]]) == 1  # never zero epochs
+    for bad in ([], [0.0], [-1.0], [float("inf")]):
+        with pytest.raises(ValueError):
+            equal_time_epochs([[1.0]], [bad])
+    with pytest.raises(ValueError, match="paired by seed"):
+        equal_time_epochs([[1.0], [1.0]], [[2.0]])
+
+
+def test_equal_time_epochs_resists_load_on_some_epochs_and_one_seed():
+    # one slow epoch (other work on the machine) does not shift the median cost: 2x -> 50 of 100 epochs
+    ref = [2.0] * 99 + [20.0]
+    assert equal_time_epochs([ref], [[4.0] * 100]) == 50
+    # one seed's method run slowed 3x by load: the median over seeds keeps 2x, for every seed alike
+    refs = [[2.0] * 100] * 3
+    runs = [[4.0] * 100, [4.1] * 100, [12.0] * 100]
+    assert equal_time_epochs(refs, runs) == 49  # median ratio 2.05
+    assert equal_time_epochs(refs[:1], runs[2:]) == 17  # that seed alone would have given 100 / 6
+
+
+def test_parse_epoch_times():
+    log = ("2026-11-27 23:20:31.9: Epoch 0\n2026-11-27 23:20:31.9: Epoch time: 2.28 s\n"
+           "2026-11-27 23:20:33.8: Pseudo dice [0.0]\n2026-11-27 23:20:33.9: Epoch time: 1.37 s\n")
+    assert parse_epoch_times(log) == [2.28, 1.37]
 
 
 # ----------------------------------------------------------------------------------------------- selection

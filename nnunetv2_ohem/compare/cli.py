@@ -57,13 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: each trainer's own)")
     p.add_argument("--iterations", type=int, default=None,
                    help="iterations per epoch (default: each trainer's own)")
+    p.add_argument("--val_iterations", type=int, default=None,
+                   help="validation iterations per epoch, for the pseudo Dice (default: each trainer's own)")
     p.add_argument("--metric", choices=("msseg2", "valdo", "brats", "segmentation"), default="msseg2",
                    help="challenge metric family used to score each fold (see nnunetv2_ohem_evaluate)")
     p.add_argument("--test", default=None, metavar="IMAGES_DIR",
-                   help="evaluate nnUNetv2_predict on these held-out images instead of the validation folds")
+                   help="evaluate predictions of these held-out images instead of the validation folds "
+                        "(nnUNetv2_predict; on a CPU nnU-Net's predictor in the run's own process)")
     p.add_argument("--test_labels", default=None, metavar="LABELS_DIR", help="labels of --test")
-    p.add_argument("--disable_tta", action="store_true", help="passed to nnUNetv2_predict (--test only)")
-    p.add_argument("--num_processes", type=int, default=3, help="nnUNetv2_predict -npp/-nps (--test only)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at prediction (--test only)")
+    p.add_argument("--step_size", type=float, default=0.5,
+                   help="sliding-window step as a fraction of the patch, as nnUNetv2_predict -step_size "
+                        "(--test only)")
+    p.add_argument("--num_processes", type=int, default=3, help="nnUNetv2_predict -npp/-nps (--test on a GPU; a CPU predicts in "
+                                                           "the run's process, without workers)")
     p.add_argument("-o", dest="out", required=True, help="output folder (runs, results.csv, summary.md, ...)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cuda",
                    help="passed to nnUNetv2_train and nnUNetv2_predict")
@@ -103,8 +110,9 @@ def _main_compare(argv: List[str]) -> int:
     from nnunetv2_ohem.compare.engine import CompareConfig, SlurmOptions, run_compare
     cfg = CompareConfig(dataset=args.dataset, configuration=args.configuration, out=args.out, plans=args.plans,
                         trainers=tuple(args.trainers), folds=tuple(args.folds), seeds=tuple(args.seeds),
-                        budget=args.budget, epochs=args.epochs, iterations=args.iterations, metric=args.metric,
-                        test=args.test, test_labels=args.test_labels, disable_tta=args.disable_tta,
+                        budget=args.budget, epochs=args.epochs, iterations=args.iterations,
+                        val_iterations=args.val_iterations, metric=args.metric, test=args.test,
+                        test_labels=args.test_labels, disable_tta=args.disable_tta, step_size=args.step_size,
                         num_processes=args.num_processes, device=args.device, jobs=args.jobs,
                         launcher=args.launcher,
                         slurm=SlurmOptions(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,

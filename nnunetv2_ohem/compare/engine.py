@@ -3,7 +3,8 @@
 Flow per run (:func:`execute_run`, the unit a launcher runs, locally or as a SLURM job):
 ``nnUNetv2_train D C FOLD -tr <T>_Compare -p PLANS`` (schedule and seed through environment variables, see
 :mod:`nnunetv2_ohem.compare.trainers`) → nnU-Net's own validation predictions of the fold (``validation/``,
-scored against ``gt_segmentations`` of the preprocessed dataset) or ``nnUNetv2_predict`` on ``--test`` →
+scored against ``gt_segmentations`` of the preprocessed dataset) or a prediction of ``--test``
+(``nnUNetv2_predict``; on a CPU nnU-Net's predictor in the run's own process instead, see :func:`predict_test`) →
 ``nnunetv2_ohem.evaluation.evaluate_folders`` → one results row, stored with the run's settings in
 ``run.json``.
 
@@ -21,7 +22,7 @@ made under different settings.
 
 Budgets: ``iterations`` — every trainer its schedule (``--epochs``/``--iterations`` or the trainer's own);
 ``time`` — each trainer's epochs scaled so that its training takes the first trainer's wall time, from the
-per-epoch costs measured on the ``iterations`` runs (:func:`nnunetv2_ohem.demo.study.equal_time_epochs`:
+per-epoch costs measured on the ``iterations`` runs (:func:`nnunetv2_ohem.compare.budget.equal_time_epochs`:
 median over epochs and over the paired runs); a trainer whose scaled epochs equal its ``iterations`` epochs
 reuses that run (the first trainer always does).
 """
@@ -48,10 +49,10 @@ from nnunetv2_ohem import envvars
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.cli_common import UsageError, UserError
 from nnunetv2_ohem.compare import trainers as wrap
+from nnunetv2_ohem.compare.budget import equal_time_epochs, parse_epoch_times
 from nnunetv2_ohem.compare.defaults import DEFAULT_TRAINERS, LAUNCHERS
 from nnunetv2_ohem.evaluation.run_metrics import FAMILIES, run_metrics
-from nnunetv2_ohem.demo.pipeline import console_script
-from nnunetv2_ohem.demo.study import equal_time_epochs, parse_epoch_times
+from nnunetv2_ohem.runtime import console_script, machine_description
 
 BUDGET_CHOICES = {"iterations": ("iterations",), "time": ("time",), "both": ("iterations", "time")}
 RECORD = "run.json"
@@ -83,10 +84,12 @@ class CompareConfig:
     budget: str = "iterations"
     epochs: Optional[int] = None
     iterations: Optional[int] = None
+    val_iterations: Optional[int] = None
     metric: str = "msseg2"
     test: Optional[str] = None
     test_labels: Optional[str] = None
     disable_tta: bool = False
+    step_size: float = 0.5
     num_processes: int = 3
     device: str = "cuda"
     jobs: int = 1
@@ -111,10 +114,12 @@ class CompareConfig:
             raise UsageError(f"--budget must be one of {list(BUDGET_CHOICES)}, got {self.budget!r}")
         if self.metric not in FAMILIES:
             raise UsageError(f"--metric must be one of {list(FAMILIES)}, got {self.metric!r}")
-        for name in ("epochs", "iterations"):
+        for name in ("epochs", "iterations", "val_iterations"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name} must be >= 1, got {v}")
+        if not 0 < self.step_size <= 1:
+            raise UsageError(f"--step_size must be in (0, 1], got {self.step_size}")
         if self.jobs < 1 or self.num_processes < 1:
             raise UsageError("--jobs and --num_processes must be >= 1")
         if (self.test is None) != (self.test_labels is None):
@@ -262,11 +267,14 @@ def make_spec(cfg: CompareConfig, ds: Dataset, budget: str, trainer: str, fold: 
              "epochs": epochs if epochs is not None else "trainer default",
              "iterations": cfg.iterations if cfg.iterations is not None else "trainer default",
              "device": cfg.device}
+    if cfg.val_iterations is not None:  # only when given: records of runs made without the option stay reusable
+        train["val_iterations"] = cfg.val_iterations
     if cfg.test is None:
         evaluation = {"metric": cfg.metric, "on": "validation"}
     else:
         evaluation = {"metric": cfg.metric, "on": "test", "test": os.path.abspath(cfg.test),
-                      "test_labels": os.path.abspath(cfg.test_labels), "disable_tta": cfg.disable_tta}
+                      "test_labels": os.path.abspath(cfg.test_labels), "disable_tta": cfg.disable_tta,
+                      "step_size": cfg.step_size}
     env = {"nnUNet_preprocessed": os.path.abspath(os.environ["nnUNet_preprocessed"]),
            "nnUNet_results": os.path.join(seed_dir(cfg.out, budget, trainer, seed), "nnUNet_results")}
     if os.environ.get("nnUNet_raw"):
@@ -387,8 +395,9 @@ def train(spec: Dict) -> Dict:
     _clear_for_training(spec)
     env = _subprocess_env(spec)
     envvars.set_value(wrap.ENV_SEED, t["seed"], env)
-    for key, var in (("epochs", wrap.ENV_EPOCHS), ("iterations", wrap.ENV_ITERATIONS)):
-        if isinstance(t[key], int):
+    for key, var in (("epochs", wrap.ENV_EPOCHS), ("iterations", wrap.ENV_ITERATIONS),
+                     ("val_iterations", wrap.ENV_VAL_ITERATIONS)):
+        if isinstance(t.get(key), int):
             envvars.set_value(var, t[key], env)
         else:
             envvars.unset(var, env)
@@ -403,8 +412,6 @@ def train(spec: Dict) -> Dict:
     epoch_times = parse_epoch_times(text)
     m = _SCHEDULE_RE.search(text)
     import socket
-
-    from nnunetv2_ohem.demo.study import machine_description
     info = {"epoch_times": epoch_times, "epochs": len(epoch_times),
             "iterations": int(m.group(2)) if m else None, "wall_seconds": wall,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(),
@@ -428,6 +435,59 @@ def _validation_reference(spec: Dict, pred_dir: str) -> str:
     return ref
 
 
+def predict_command(spec: Dict, model_dir: str, pred_dir: str) -> List[str]:
+    """The ``nnUNetv2_predict`` command line of a run's ``--test`` prediction."""
+    t, e = spec["train"], spec["eval"]
+    n = str(spec["num_processes"])
+    cmd = [console_script("nnUNetv2_predict"), "-i", e["test"], "-o", pred_dir, "-d", str(spec["dataset_id"]),
+           "-c", t["configuration"], "-p", t["plans"], "-tr", wrap.wrapped_name(t["trainer"]),
+           "-f", str(t["fold"]), "-chk", "checkpoint_final.pth", "-step_size", f"{e.get('step_size', 0.5):g}",
+           "-device", t["device"], "-npp", n, "-nps", n]
+    if e.get("disable_tta"):
+        cmd.append("--disable_tta")
+    return cmd
+
+
+def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
+    """Predict ``--test`` with the run's model into ``pred_dir`` (log: ``predict.log``).
+
+    On a CPU nnU-Net's own predictor runs in this process (the thread of a local launcher, or the SLURM job)
+    instead of an ``nnUNetv2_predict`` subprocess: no second torch/nnU-Net start-up and no preprocessing and
+    export worker processes, which on a small CPU cost more than predicting a few cases, and each tile goes
+    through the network as a pair of identical copies (oneDNN's batch-1 3-d convolutions are 6-25x slower
+    than a batch of two, :func:`nnunetv2_ohem.runtime.paired_tile_predictor_class`). The settings are the
+    ones the logged ``nnUNetv2_predict`` line would use; elsewhere that command itself runs."""
+    t, e, run_dir = spec["train"], spec["eval"], spec["run_dir"]
+    log_path = os.path.join(run_dir, "predict.log")
+    cmd = predict_command(spec, model_dir, pred_dir)
+    if t["device"] != "cpu":
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        run_command(cmd, _subprocess_env(spec), log_path, f"prediction {spec['tag']}")
+        return
+    import traceback
+
+    import torch
+
+    from nnunetv2_ohem.runtime import HeldOutPredictor
+    # nnU-Net finds the checkpoint's <T>_Compare class through nnUNet_extTrainer, read from this process's
+    # environment; every run of a compare has the same value, so threads setting it do not disagree
+    os.environ["nnUNet_extTrainer"] = spec["env"]["nnUNet_extTrainer"]
+    threads = spec["env"].get("OMP_NUM_THREADS")
+    if threads:  # parallel runs share the cores (as their subprocesses do); torch's setting is per thread
+        torch.set_num_threads(int(threads))
+    line = ("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n# run in this process: nnUNetPredictor"
+            f"(tile_step_size={e.get('step_size', 0.5):g}, use_mirroring={not e.get('disable_tta')}) with each "
+            f"tile as a pair of copies, predict_from_files_sequential (no -npp/-nps workers)")
+    try:
+        HeldOutPredictor("cpu", tile_step_size=e.get("step_size", 0.5), use_mirroring=not e.get("disable_tta")
+                         ).predict(model_dir, e["test"], pred_dir, log_path, fold=t["fold"], command=line)
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback in the log
+        with open(log_path, "a") as log:
+            traceback.print_exc(file=log)
+        raise CompareError(f"prediction {spec['tag']} failed: {type(err).__name__}: {err} "
+                           f"(full log: {log_path})") from None
+
+
 def evaluate(spec: Dict) -> Tuple[Dict, str]:
     """Predictions of the run scored with ``--metric``; returns (metric columns, what was evaluated)."""
     from nnunetv2_ohem.evaluation.api import evaluate_folders
@@ -443,14 +503,7 @@ def evaluate(spec: Dict) -> Tuple[Dict, str]:
         ref_dir = _validation_reference(spec, pred_dir)
     else:
         pred_dir = os.path.join(run_dir, "test_predictions")
-        shutil.rmtree(pred_dir, ignore_errors=True)
-        n = str(spec["num_processes"])
-        cmd = [console_script("nnUNetv2_predict"), "-i", e["test"], "-o", pred_dir, "-d", str(spec["dataset_id"]),
-               "-c", t["configuration"], "-p", t["plans"], "-tr", wrap.wrapped_name(t["trainer"]),
-               "-f", str(t["fold"]), "-chk", "checkpoint_final.pth", "-device", t["device"], "-npp", n, "-nps", n]
-        if e.get("disable_tta"):
-            cmd.append("--disable_tta")
-        run_command(cmd, _subprocess_env(spec), os.path.join(run_dir, "predict.log"), f"prediction {spec['tag']}")
+        predict_test(spec, mf, pred_dir)
         ref_dir = e["test_labels"]
     try:
         cases, agg = evaluate_folders(e["metric"], ref_dir, pred_dir)
@@ -664,6 +717,7 @@ def run_compare(cfg: CompareConfig) -> Dict:
     return {"results": results, **info}
 
 
-__all__ = ["CompareConfig", "SlurmOptions", "CompareError", "run_compare", "execute_run", "resolve_dataset",
+__all__ = ["CompareConfig", "SlurmOptions", "CompareError", "run_compare", "execute_run", "predict_test",
+           "resolve_dataset",
            "check_trainers", "plan_run", "make_spec", "launch", "launch_local", "launch_submitit",
            "DEFAULT_TRAINERS"]

@@ -51,7 +51,8 @@ def summary_markdown(results: pd.DataFrame, info: Dict, metrics: Sequence[str], 
              f"training seeds {list(cfg['seeds'])}; budget(s) {', '.join(cfg['budgets'])}. Metrics "
              f"({cfg['metric']}) on "
              + ("each fold's nnU-Net validation predictions against gt_segmentations." if cfg.get("test") is None
-                else f"held-out images {cfg['test']} predicted with nnUNetv2_predict.")
+                else f"held-out images {cfg['test']} predicted with nnU-Net's predictor (nnUNetv2_predict; "
+                     f"in the run's own process on a CPU).")
              + " `lesion_f1_pooled`: detection F1 from the lesion counts of all the run's cases (lesion-free "
                "cases add their false positives).", ""]
     if info.get("epochs_equal_time"):

@@ -1,6 +1,6 @@
 """Statistics of a comparison table (pure functions on ``results.csv`` rows).
 
-* per trainer: mean and Student-t 95 % interval over its runs (folds × seeds), :func:`mean_ci` of the study;
+* per trainer: mean and Student-t 95 % interval over its runs (folds × seeds), :func:`mean_ci`;
 * against the first (reference) trainer: the difference paired by (fold, seed) — same validation cases and,
   with seeds, the same initialisation seed — with its t-interval and a paired t-test
   (``scipy.stats.ttest_rel``, equal to a one-sample t-test of the differences).
@@ -16,9 +16,25 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from nnunetv2_ohem.demo.study import mean_ci
-
 PAIR_KEYS = ("fold", "seed")
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean and Student-t confidence interval: ``x̄ ± t_{(1+level)/2, n-1} · s / √n`` (s: sample standard
+    deviation, ddof = 1). NaN values are dropped; with one value the interval is (NaN, NaN)."""
+    from scipy import stats
+    x = np.asarray([v for v in values if v is not None and not math.isnan(float(v))], dtype=float)
+    if x.ndim != 1:
+        raise ValueError(f"values must be one-dimensional, got shape {x.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
 
 
 def _finite(values) -> np.ndarray:

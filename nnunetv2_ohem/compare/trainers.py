@@ -77,7 +77,7 @@ def make_compare_trainer(name: str) -> type:
         raise AttributeError(name)
     import torch
 
-    from nnunetv2_ohem.training.demo import seed_everything
+    from nnunetv2_ohem.runtime import seed_everything
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
