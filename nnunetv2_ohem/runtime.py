@@ -130,10 +130,13 @@ class HeldOutPredictor:
         self._predictor = None
 
     def predict(self, model_dir: str, images: str, out_dir: str, log_path: str, fold: int = 0,
-                checkpoint: str = "checkpoint_final.pth", command: Optional[str] = None) -> None:
+                checkpoint: str = "checkpoint_final.pth", command: Optional[str] = None,
+                trainer_class: Optional[type] = None) -> None:
         """Predict every case of ``images`` into ``out_dir`` (replaced) with fold ``fold`` of ``model_dir``;
         nnU-Net's messages go to ``log_path``, headed by ``command`` (the equivalent command line) or the
-        API call."""
+        API call. ``trainer_class``: the checkpoint's trainer, already found; without it nnU-Net looks it up
+        by name, which is not thread-safe (it walks and cleans ``sys.modules``: two threads looking up at
+        once fail with "dictionary changed size during iteration")."""
         import torch
         if self._predictor is None:
             self._predictor = paired_tile_predictor_class()(
@@ -148,10 +151,40 @@ class HeldOutPredictor:
                 f"device={self.device}).initialize_from_trained_model_folder({model_dir!r}, use_folds=({fold},), "
                 f"checkpoint_name={checkpoint!r}).predict_from_files_sequential({images!r}, {out_dir!r})"),
                 flush=True)
-            self._predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,),
-                                                                 checkpoint_name=checkpoint)
+            if trainer_class is None:
+                self._predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,),
+                                                                     checkpoint_name=checkpoint)
+            else:
+                _initialize_with_trainer(self._predictor, model_dir, fold, checkpoint, trainer_class)
             self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
                                                           overwrite=True)
+
+
+def _initialize_with_trainer(predictor, model_dir: str, fold: int, checkpoint: str, trainer_class: type) -> None:
+    """What ``nnUNetPredictor.initialize_from_trained_model_folder`` does for one fold, with the trainer class
+    given instead of looked up by name."""
+    import inspect
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    dataset_json = load_json(os.path.join(model_dir, "dataset.json"))
+    plans = PlansManager(load_json(os.path.join(model_dir, "plans.json")))
+    ckpt = torch.load(os.path.join(model_dir, f"fold_{fold}", checkpoint), map_location=torch.device("cpu"),
+                      weights_only=False)
+    cm = plans.get_configuration(ckpt["init_args"]["configuration"])
+    n_in = determine_num_input_channels(plans, cm, dataset_json)
+    n_out = plans.get_label_manager(dataset_json).num_segmentation_heads
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        network = trainer_class.build_network_architecture(plans, cm, n_in, n_out, enable_deep_supervision=False)
+    else:  # the signature of nnU-Net before 2.6, still accepted by its predictor
+        network = trainer_class.build_network_architecture(
+            cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+            n_in, n_out, enable_deep_supervision=False)
+    network.load_state_dict(ckpt["network_weights"])
+    predictor.manual_initialization(network, plans, cm, [ckpt["network_weights"]], dataset_json,
+                                    ckpt["trainer_name"], ckpt.get("inference_allowed_mirroring_axes"))
 
 
 __all__ = ["console_script", "machine_description", "seed_everything", "thread_stdout_to", "TILE_STEP_SIZE",

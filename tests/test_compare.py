@@ -459,3 +459,98 @@ def test_postprocessing_check_shows_the_lesions_nnunet_postprocessing_deletes(tm
     assert f"mean foreground Dice 1.0000 -> {2 * 27 / 62:.4f}" in text and "would not choose it" in text
     assert f"lesion_f1_pooled 1.0000 -> {2 * 0.5 / 1.5:.4f}" in text
     assert "predicted lesions 2 -> 1, missed reference lesions 0 -> 1" in text
+
+
+def test_in_process_paired_tile_prediction_equals_nnunets_unpaired_predictor(tiny_dataset, tmp_path, monkeypatch):
+    """compare's CPU ``--test`` path (nnU-Net's predictor in this process, each tile sent as two copies) gives
+    nnU-Net's own single-tile predictor's logits and segmentation, with mirroring TTA on."""
+    import shutil
+
+    import SimpleITK as sitk
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunetv2_ohem.compare import trainers as wrap
+    from nnunetv2_ohem.runtime import paired_tile_predictor_class
+
+    pre = tiny_dataset.preprocessed_folder
+    plans = load_json(os.path.join(pre, tiny_dataset.plans_identifier + ".json"))
+    dj = load_json(os.path.join(pre, "dataset.json"))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    n_out = pm.get_label_manager(dj).num_segmentation_heads
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, determine_num_input_channels(pm, cm, dj), n_out,
+                                                   enable_deep_supervision=False)
+    model = tmp_path / "model"
+    (model / "fold_0").mkdir(parents=True)
+    shutil.copy(os.path.join(pre, "dataset.json"), model / "dataset.json")
+    (model / "plans.json").write_text(json.dumps(plans))
+    ckpt = {"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+            "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)}
+    images = os.path.join(tiny_dataset.raw_folder, "imagesTs")
+    files = create_lists_from_splitted_dataset_folder(images, dj["file_ending"])
+
+    def predictor(cls):
+        p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
+                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        torch.save(ckpt, model / "fold_0" / "checkpoint_final.pth")
+        p.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+        return p
+
+    plain = predictor(nnUNetPredictor)
+    plain.use_mirroring = False  # only to place the decision boundary: 8x cheaper
+    data = torch.from_numpy(cm.preprocessor_class(verbose=False).run_case(files[0], None, pm, cm, dj)[0])
+    logits = plain.predict_logits_from_preprocessed_data(data)
+    # shift the foreground logit so that about half the voxels are foreground: a boundary everywhere, where
+    # any real difference between the predictors would flip voxels
+    bias = [k for k, v in ckpt["network_weights"].items() if k.endswith("bias") and v.shape == (n_out,)][-1]
+    ckpt["network_weights"][bias][1] -= float(torch.median(logits[1] - logits[0]))
+    plain = predictor(nnUNetPredictor)
+    paired = predictor(paired_tile_predictor_class())
+    batches = []
+    paired.network.register_forward_hook(lambda mod, inp, out: batches.append(inp[0].shape[0]))
+    # the network's float32 logits of every sliding-window tile, with TTA (the part the pairing changes)
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    padded = pad_nd_image(data, cm.patch_size, "constant", {"value": 0}, True, None)[0]
+    slicers = plain._internal_get_sliding_window_slicers(padded.shape[1:])
+    assert len(slicers) > 1
+    with torch.inference_mode():
+        for sl in slicers:
+            tile = padded[sl][None].float()
+            torch.testing.assert_close(paired._internal_maybe_mirror_and_predict(tile),
+                                       plain._internal_maybe_mirror_and_predict(tile), atol=1e-4, rtol=0)
+    assert batches and set(batches) == {2}  # every tile went through as a pair
+    # the whole case: nnU-Net accumulates the tiles in float16, so the stitched logits agree to its rounding
+    # (one float16 step is 2^-11 to 2^-10 for logits of magnitude 0.5-2); TTA off here, it was checked per tile
+    paired.use_mirroring = plain.use_mirroring = False
+    torch.testing.assert_close(paired.predict_logits_from_preprocessed_data(data),
+                               plain.predict_logits_from_preprocessed_data(data), atol=2 ** -9, rtol=0)
+    plain.use_mirroring = True  # the segmentations below: TTA on in both (compare's path reads disable_tta)
+
+    spec = {"train": {"device": "cpu", "fold": 0, "trainer": "nnUNetTrainer", "configuration": "3d_fullres",
+                      "plans": tiny_dataset.plans_identifier},
+            "eval": {"test": images, "disable_tta": False, "step_size": 0.5},
+            "env": {"nnUNet_extTrainer": wrap.EXT_FOLDER}, "run_dir": str(tmp_path / "run"),
+            "dataset_id": tiny_dataset.dataset_id, "num_processes": 1, "tag": "test run"}
+    os.makedirs(spec["run_dir"])
+    engine.predict_test(spec, str(model), str(tmp_path / "paired"))
+    os.makedirs(tmp_path / "plain")
+    plain.predict_from_files_sequential(images, str(tmp_path / "plain"), save_probabilities=False, overwrite=True)
+    log = open(os.path.join(spec["run_dir"], "predict.log")).read()
+    assert "nnUNetv2_predict -i" in log and "-step_size 0.5" in log and "--disable_tta" not in log
+    cases = sorted(f for f in os.listdir(tmp_path / "plain") if f.endswith(dj["file_ending"]))
+    assert len(cases) == len(files) >= 1
+    assert sorted(f for f in os.listdir(tmp_path / "paired") if f.endswith(dj["file_ending"])) == cases
+    differ = total = foreground = 0
+    for c in cases:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "paired" / c)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / c)))
+        differ, total, foreground = differ + int((a != b).sum()), total + b.size, foreground + int((b > 0).sum())
+    assert 0.05 < foreground / total < 0.95  # not a trivial all-background segmentation
+    assert differ <= 0.001 * total

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from nnunetv2_ohem.demo import study
 from nnunetv2_ohem.demo.study import StudyConfig
 
-T975_DF1, T975_DF2 = 12.706, 4.3027  # t_{0.975, 1} and t_{0.975, 2} from a printed Student-t table
+T975_DF1, T975_DF2 = 12.7062, 4.3027  # t_{0.975, 1} and t_{0.975, 2} from a printed Student-t table
 PLAIN, OHEM = "plain nnU-Net", study.METHOD_LABELS["nnUNetTrainerOHEMEMA"]
 
 

@@ -469,9 +469,6 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     import torch
 
     from nnunetv2_ohem.runtime import HeldOutPredictor
-    # nnU-Net finds the checkpoint's <T>_Compare class through nnUNet_extTrainer, read from this process's
-    # environment; every run of a compare has the same value, so threads setting it do not disagree
-    os.environ["nnUNet_extTrainer"] = spec["env"]["nnUNet_extTrainer"]
     threads = spec["env"].get("OMP_NUM_THREADS")
     if threads:  # parallel runs share the cores (as their subprocesses do); torch's setting is per thread
         torch.set_num_threads(int(threads))
@@ -479,8 +476,11 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
             f"(tile_step_size={e.get('step_size', 0.5):g}, use_mirroring={not e.get('disable_tta')}) with each "
             f"tile as a pair of copies, predict_from_files_sequential (no -npp/-nps workers)")
     try:
+        # resolved by run_compare before the threads start (cached); a SLURM job resolves it here, alone
+        trainer_class = wrap.make_compare_trainer(wrap.wrapped_name(t["trainer"]))
         HeldOutPredictor("cpu", tile_step_size=e.get("step_size", 0.5), use_mirroring=not e.get("disable_tta")
-                         ).predict(model_dir, e["test"], pred_dir, log_path, fold=t["fold"], command=line)
+                         ).predict(model_dir, e["test"], pred_dir, log_path, fold=t["fold"], command=line,
+                                   trainer_class=trainer_class)
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback in the log
         with open(log_path, "a") as log:
             traceback.print_exc(file=log)
@@ -668,6 +668,11 @@ def run_compare(cfg: CompareConfig) -> Dict:
     if cfg.test is not None:
         check_test_folders(cfg.test, cfg.test_labels, ds.file_ending)
     check_trainers(cfg.trainers)
+    if cfg.test is not None and cfg.device == "cpu":
+        # the in-process predictors of parallel runs need their trainer classes; nnU-Net's by-name lookup is
+        # not thread-safe, so it runs here, once, before any thread starts
+        for tr in cfg.trainers:
+            wrap.make_compare_trainer(wrap.wrapped_name(tr))
     os.makedirs(cfg.out, exist_ok=True)
     counts = {"trained": 0, "evaluated": 0, "reused": 0}
     keys = [(tr, f, s) for s in cfg.seeds for f in cfg.folds for tr in cfg.trainers]

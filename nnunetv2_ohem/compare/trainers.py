@@ -10,6 +10,7 @@ finds the same class by the checkpoint's trainer name, so predicting needs ``nnU
 :data:`EXT_FOLDER` (the commands printed by ``nnunetv2_ohem_compare`` set it).
 """
 import os
+import threading
 from typing import Dict, List, Optional
 
 from nnunetv2_ohem import envvars
@@ -22,6 +23,7 @@ ENV_VAL_ITERATIONS = envvars.COMPARE_VAL_ITERATIONS
 ENV_SEED = envvars.COMPARE_SEED
 
 _CACHE: Dict[str, type] = {}
+_LOCK = threading.Lock()
 
 
 def wrapped_name(trainer: str) -> str:
@@ -72,6 +74,13 @@ def make_compare_trainer(name: str) -> type:
         return _CACHE[name]
     if not name.endswith(SUFFIX) or len(name) == len(SUFFIX):
         raise AttributeError(name)
+    with _LOCK:  # nnU-Net's lookup walks sys.modules: one thread at a time
+        if name not in _CACHE:
+            _CACHE[name] = _make(name)
+    return _CACHE[name]
+
+
+def _make(name: str) -> type:
     base = find_trainer_class(name[:-len(SUFFIX)])
     if base is None:
         raise AttributeError(name)
@@ -96,5 +105,4 @@ def make_compare_trainer(name: str) -> type:
     cls = type(name, (base,), {"__init__": __init__, "__module__": "nnunetv2_ohem_compare_trainers",
                                "__doc__": f"{base.__name__} with the schedule and seed set by "
                                           f"nnunetv2_ohem_compare (environment variables)."})
-    _CACHE[name] = cls
     return cls
