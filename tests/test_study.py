@@ -69,7 +69,7 @@ def test_summary_states_intervals_seed_sd_and_significance_by_hand():
     assert d[5] == "yes, worse"
     assert "- lesion F1, significant at 95 % (CI excludes 0): OHEM-EMA (DC+CE ranking) (equal iterations" in md
     assert "- lesion F1, not significant at 95 %: none." in md
-    assert "stable by the pilot criterion (SD ≤ 0.1)" in md and "NOT stable" not in md
+    assert "stable by the pilot criterion (SD ≤ 0.1, F1 clearly above 0)" in md and "NOT" not in md
     assert "study (test)" in md and "nnunetv2_ohem_compare -d X" in md and "Date 2026-12-01" in md
 
 
@@ -82,6 +82,11 @@ def test_summary_says_not_significant_and_unstable_baseline():
     assert _cells(md, "iterations", PLAIN)[6] == f"{np.std([0.2, 0.9, 0.3], ddof=1):.3f}"
     assert _cells(md, "iterations", OHEM, "lesion F1")[5] == "no"
     assert "NOT stable by the pilot criterion" in md
+    # a baseline that finds nothing is stable but useless: F1 0, 0, 0.05 has an interval reaching 0
+    res = study.study_table(_compare_rows({"nnUNetTrainer": [0.0, 0.0, 0.05], "nnUNetTrainerOHEMEMA": [0, 0, 0]},
+                                          {"nnUNetTrainer": [0, 0, 0], "nnUNetTrainerOHEMEMA": [0, 0, 0]}))
+    md0 = study.summary_markdown(cfg, res, 60.0, "cpu", "2026-12-01", {}, "x")
+    assert "seed SD 0.029 — NOT usable by the pilot criterion: lesion F1 is not clearly above 0" in md0
     assert "- lesion F1, significant at 95 % (CI excludes 0): none." in md
     assert "- lesion F1, not significant at 95 %: OHEM-EMA (DC+CE ranking) (equal iterations" in md
     # identical FP counts: a zero difference with a zero-width interval is not significant

@@ -49,8 +49,8 @@ BUDGETS = ("iterations", "time")
 #: compare's msseg2 columns in the study's tables: lesion F1 and Dice are means over cases with new lesions,
 #: FP lesions the mean count per lesion-free case
 SUMMARY_METRICS = (("lesion_f1", "lesion F1"), ("dice", "Dice"), ("fp_lesions_lesion_free", "FP lesions (lesion-free)"))
-#: the pilot's stability criterion: a study whose baseline varies more than this over training seeds cannot
-#: rank methods whose effects are smaller
+#: the pilot's stability criterion: a study whose baseline varies more than this over training seeds (or whose
+#: baseline F1 is not clearly above 0) cannot rank methods whose effects are smaller
 BASELINE_SD_LIMIT = 0.1
 CONFIGURATION = "3d_fullres"
 FOLD = 0  # the demo's one-fold split
@@ -271,10 +271,13 @@ def summary_markdown(cfg: StudyConfig, results: pd.DataFrame, seconds: float, de
         s = summ[(summ["budget"] == budget) & (summ["trainer"] == cfg.reference)].iloc[0]
         if math.isnan(r["sd"]):
             verdict = "cannot be judged (fewer than two seeds)"
-        elif r["sd"] <= BASELINE_SD_LIMIT:
-            verdict = f"stable by the pilot criterion (SD ≤ {BASELINE_SD_LIMIT:g})"
-        else:
+        elif r["sd"] > BASELINE_SD_LIMIT:
             verdict = f"NOT stable by the pilot criterion (SD ≤ {BASELINE_SD_LIMIT:g}): rankings below are noise"
+        elif not s["lesion_f1_lo"] > 0:
+            verdict = ("NOT usable by the pilot criterion: lesion F1 is not clearly above 0 (its interval reaches "
+                       "0), so there is nothing for the methods to improve on")
+        else:
+            verdict = f"stable by the pilot criterion (SD ≤ {BASELINE_SD_LIMIT:g}, F1 clearly above 0)"
         sd = "n/a" if math.isnan(r["sd"]) else f"{r['sd']:.3f}"
         lines.append(f"- Baseline {label(cfg.reference)}, equal {budget}: lesion F1 "
                      f"{_fmt(s['lesion_f1_mean'], s['lesion_f1_lo'], s['lesion_f1_hi'])}, seed SD {sd} — {verdict}.")
