@@ -1,8 +1,8 @@
 """CPU cost of one sliding-window tile: nnU-Net's batch of one vs the demo predictor's pair of copies.
 
 nnU-Net's predictor runs one tile per forward pass. On CPUs, PyTorch's oneDNN 3-d convolutions can be much
-slower per sample for a batch of one than for two, which is why the demo's predictor
-(``nnunetv2_ohem.demo.pipeline.paired_tile_predictor_class``) sends each tile as two identical copies.
+slower per sample for a batch of one than for two, which is why the in-process predictor of the demo and of
+compare on a CPU (``nnunetv2_ohem.runtime.paired_tile_predictor_class``) sends each tile as two identical copies.
 Prints one JSON line per network and tile size: milliseconds per forward pass (median of ``--repeats``) at
 batch 1 and batch 2, their ratio, and the largest logit difference between the single tile and the first
 copy of the pair.
