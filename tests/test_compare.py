@@ -536,14 +536,16 @@ def test_in_process_paired_tile_prediction_equals_nnunets_unpaired_predictor(tin
     spec = {"train": {"device": "cpu", "fold": 0, "trainer": "nnUNetTrainer", "configuration": "3d_fullres",
                       "plans": tiny_dataset.plans_identifier},
             "eval": {"test": images, "disable_tta": False, "step_size": 0.5},
-            "env": {"nnUNet_extTrainer": wrap.EXT_FOLDER}, "run_dir": str(tmp_path / "run"),
+            "env": {"nnUNet_extTrainer": wrap.EXT_FOLDER, "nnUNet_results": str(tmp_path)},
+            "run_dir": str(tmp_path / "run"),
             "dataset_id": tiny_dataset.dataset_id, "num_processes": 1, "tag": "test run"}
     os.makedirs(spec["run_dir"])
     engine.predict_test(spec, str(model), str(tmp_path / "paired"))
     os.makedirs(tmp_path / "plain")
     plain.predict_from_files_sequential(images, str(tmp_path / "plain"), save_probabilities=False, overwrite=True)
     log = open(os.path.join(spec["run_dir"], "predict.log")).read()
-    assert "nnUNetv2_predict -i" in log and "-step_size 0.5" in log and "--disable_tta" not in log
+    assert f"nnUNet_results={tmp_path} " in log and "nnUNetv2_predict -i" in log
+    assert "-step_size 0.5" in log and "--disable_tta" not in log
     cases = sorted(f for f in os.listdir(tmp_path / "plain") if f.endswith(dj["file_ending"]))
     assert len(cases) == len(files) >= 1
     assert sorted(f for f in os.listdir(tmp_path / "paired") if f.endswith(dj["file_ending"])) == cases

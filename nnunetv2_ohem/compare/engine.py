@@ -435,7 +435,7 @@ def _validation_reference(spec: Dict, pred_dir: str) -> str:
     return ref
 
 
-def predict_command(spec: Dict, model_dir: str, pred_dir: str) -> List[str]:
+def predict_command(spec: Dict, pred_dir: str) -> List[str]:
     """The ``nnUNetv2_predict`` command line of a run's ``--test`` prediction."""
     t, e = spec["train"], spec["eval"]
     n = str(spec["num_processes"])
@@ -459,7 +459,7 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     ones the logged ``nnUNetv2_predict`` line would use; elsewhere that command itself runs."""
     t, e, run_dir = spec["train"], spec["eval"], spec["run_dir"]
     log_path = os.path.join(run_dir, "predict.log")
-    cmd = predict_command(spec, model_dir, pred_dir)
+    cmd = predict_command(spec, pred_dir)
     if t["device"] != "cpu":
         shutil.rmtree(pred_dir, ignore_errors=True)
         run_command(cmd, _subprocess_env(spec), log_path, f"prediction {spec['tag']}")
@@ -472,7 +472,9 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     threads = spec["env"].get("OMP_NUM_THREADS")
     if threads:  # parallel runs share the cores (as their subprocesses do); torch's setting is per thread
         torch.set_num_threads(int(threads))
-    line = ("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n# run in this process: nnUNetPredictor"
+    # the stock command that gives the same predictions, with the two folders it needs to find the model
+    env = " ".join(f"{k}={shlex.quote(spec['env'][k])}" for k in ("nnUNet_results", "nnUNet_extTrainer"))
+    line = ("$ " + env + " " + " ".join(shlex.quote(c) for c in cmd) + "\n# run in this process: nnUNetPredictor"
             f"(tile_step_size={e.get('step_size', 0.5):g}, use_mirroring={not e.get('disable_tta')}) with each "
             f"tile as a pair of copies, predict_from_files_sequential (no -npp/-nps workers)")
     try:
