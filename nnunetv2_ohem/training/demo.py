@@ -13,13 +13,12 @@ validation fold would cost more than the training itself. Per-epoch pseudo Dice 
 """
 
 import importlib
-import random
 
-import numpy as np
 import torch
 
 from nnunetv2_ohem import envvars
 from nnunetv2_ohem.demo.methods import METHODS
+from nnunetv2_ohem.runtime import seed_everything
 from nnunetv2_ohem.training.common import with_training_length
 
 DEMO_EPOCHS = 60
@@ -36,13 +35,6 @@ ENV_VAL_ITERATIONS = envvars.DEMO_VAL_ITERATIONS
 #: patch choice, foreground oversampling, augmentation; with nnUNet_n_proc_DA=0 these all draw from the global
 #: NumPy/torch generators). Unset: nnU-Net's usual unseeded behaviour.
 ENV_SEED = envvars.DEMO_SEED
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global generators nnU-Net's training draws from (network init, data loading, augmentation)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def throttle_progress_plot(trainer, every: int) -> None:
