@@ -33,6 +33,16 @@ _DATA = {
     "brighter": {"phantom_options": {"lesion_contrast": (2.2, 2.8)}},
     "more_brighter": {"phantom_options": {"n_new_lesions": (4, 10), "lesion_contrast": (2.2, 2.8)}},
     "larger": {"lesion_volume": (200.0, 2000.0)},
+    "more_larger": {"lesion_volume": (200.0, 2000.0), "phantom_options": {"n_new_lesions": (4, 10)}},
+    "more_lesions_f16": {"features": (16, 32, 64), "phantom_options": {"n_new_lesions": (4, 10)}},
+    "more_lesions_f4s": {"features": (8, 16, 32, 64), "phantom_options": {"n_new_lesions": (4, 10)}},
+    "more_lesions_f32": {"features": (32, 64, 128), "phantom_options": {"n_new_lesions": (4, 10)}},
+    "f16": {"features": (16, 32, 64)},
+    "f32": {"features": (32, 64, 128)},
+    "very_easy": {"lesion_volume": (300.0, 3000.0),
+                  "phantom_options": {"n_new_lesions": (6, 12), "lesion_contrast": (3.0, 4.0)}},
+    "more_brighter_larger": {"lesion_volume": (200.0, 2000.0),
+                             "phantom_options": {"n_new_lesions": (4, 10), "lesion_contrast": (2.2, 2.8)}},
     "msseg2_sized": {"lesion_volume": (1.0, 50.0)},
 }
 _BUDGETS = {"": {}, "e60x10": {"epochs": 60, "iterations": 10}, "e40x10": {"epochs": 40, "iterations": 10},
@@ -71,9 +81,11 @@ def prepared(cfg: DemoConfig, root: str) -> str:
     return folder
 
 
-def run_one(root: str, variant: str, train_seed: int) -> dict:
+def run_one(root: str, variant: str, train_seed: int, methods=None) -> dict:
+    tag = variant + ("" if methods is None else "-" + "-".join(methods))
     cfg = DemoConfig(**{**VARIANTS[variant], "train_seed": train_seed, "progress": False,
-                        "out": os.path.join(root, variant, f"seed{train_seed}")})
+                        "out": os.path.join(root, tag, f"seed{train_seed}"),
+                        **({} if methods is None else {"methods": tuple(methods)})})
     if not os.path.exists(os.path.join(cfg.out, "steps", "plan.json")):
         shutil.rmtree(cfg.out, ignore_errors=True)
         shutil.copytree(prepared(cfg, root), cfg.out, symlinks=True)
@@ -117,6 +129,7 @@ def main() -> int:
     p.add_argument("--root", default="./demo_sweep_output", help="working folder (not for committing)")
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
     p.add_argument("--train_seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=None, help="default: the demo's")
     p.add_argument("--table", action="store_true", help="print sweep.jsonl as a markdown table and exit")
     args = p.parse_args()
     os.makedirs(args.root, exist_ok=True)
@@ -130,9 +143,10 @@ def main() -> int:
         return 0
     for variant in args.variants:
         for seed in args.train_seeds:
-            if any(r["variant"] == variant and r["train_seed"] == seed for r in done):
+            if any(r["variant"] == variant and r["train_seed"] == seed and r.get("methods") == args.methods
+                   for r in done):
                 continue
-            row = run_one(args.root, variant, seed)
+            row = dict(run_one(args.root, variant, seed, args.methods), methods=args.methods)
             print(json.dumps(row), flush=True)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")

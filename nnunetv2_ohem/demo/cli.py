@@ -19,31 +19,47 @@ DEPRECATED = {"--test-cases": "--test_cases", "--val-iterations": "--val_iterati
               "--lesion-volume": "--lesion_volume", "--dataset-id": "-d", "--no-progress": "--no_progress"}
 
 
+def add_data_options(p: argparse.ArgumentParser, d) -> None:
+    """Phantom, plans and device options shared by the demo and its study; defaults from ``d`` (a DemoConfig
+    or StudyConfig, which use the same field names)."""
+    p.add_argument("--cases", type=int, default=d.n_train, help="training phantoms")
+    p.add_argument("--test_cases", type=int, default=d.n_test, help="held-out phantoms (predicted and scored)")
+    p.add_argument("--voxel_size", type=float, default=d.voxel_size,
+                   help="isotropic phantom voxel size in mm (1 = template resolution; larger trains faster)")
+    p.add_argument("--lesion_volume", type=float, nargs=2, default=list(d.lesion_volume), metavar=("LO", "HI"),
+                   help="new-lesion volumes in mm³ (a few lesions up to 6*HI); 1 50 is MSSEG-II-like and much harder")
+    p.add_argument("--new_lesions", type=int, nargs=2, default=list(d.new_lesions), metavar=("LO", "HI"),
+                   help="new lesions per lesion-bearing phantom")
+    p.add_argument("-d", "--dataset_id", type=int, default=d.dataset_id, help="nnU-Net dataset id of the phantoms")
+    p.add_argument("--features", type=int, nargs="+", default=list(d.features), help="U-Net features per stage")
+    p.add_argument("--patch", type=int, default=d.patch, help="patch edge (voxels)")
+    p.add_argument("--batch", type=int, default=d.batch, help="batch size")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto = cuda when available")
+
+
+def data_settings(args: argparse.Namespace) -> dict:
+    """The :func:`add_data_options` values as DemoConfig / StudyConfig keyword arguments."""
+    return {"n_train": args.cases, "n_test": args.test_cases, "voxel_size": args.voxel_size,
+            "lesion_volume": tuple(args.lesion_volume), "new_lesions": tuple(args.new_lesions),
+            "dataset_id": args.dataset_id, "features": tuple(args.features), "patch": args.patch,
+            "batch": args.batch, "device": args.device}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--out", default=_D.out, help="output folder (created; everything is written inside)")
     p.add_argument("--fresh", action="store_true", help="delete previous demo outputs in --out and start over")
-    p.add_argument("--cases", type=int, default=_D.n_train, help="training phantoms")
-    p.add_argument("--test_cases", type=int, default=_D.n_test, help="held-out phantoms (predicted and scored)")
     p.add_argument("-tr", "--methods", nargs="+", default=list(_D.methods), choices=KNOWN_METHODS,
                    metavar="TRAINER", help="trainers to compare, all with the same budget: %(choices)s")
     p.add_argument("--epochs", type=int, default=_D.epochs, help="training epochs per method")
     p.add_argument("--iterations", type=int, default=_D.iterations, help="training iterations per epoch")
     p.add_argument("--val_iterations", type=int, default=_D.val_iterations, help="validation iterations per epoch")
-    p.add_argument("--voxel_size", type=float, default=_D.voxel_size,
-                   help="isotropic phantom voxel size in mm (1 = template resolution; larger trains faster)")
-    p.add_argument("--lesion_volume", type=float, nargs=2, default=list(_D.lesion_volume), metavar=("LO", "HI"),
-                   help="new-lesion volumes in mm³ (a few lesions up to 5*HI); 1 50 is MSSEG-II-like and much harder")
     p.add_argument("--seed", type=int, default=_D.seed, help="phantom seed (same seed: byte-identical phantoms)")
     p.add_argument("--train_seed", type=int, default=_D.train_seed,
                    help="training seed (network initialisation, patch sampling, augmentation); same seed on the "
                         "same machine: same metrics. -1: unseeded, as plain nnU-Net")
-    p.add_argument("-d", "--dataset_id", type=int, default=_D.dataset_id, help="nnU-Net dataset id of the phantoms")
-    p.add_argument("--features", type=int, nargs="+", default=list(_D.features), help="U-Net features per stage")
-    p.add_argument("--patch", type=int, default=_D.patch, help="patch edge (voxels)")
-    p.add_argument("--batch", type=int, default=_D.batch, help="batch size")
-    p.add_argument("--device", default=_D.device, choices=("auto", "cpu", "cuda", "mps"),
-                   help="auto = cuda when available")
+    add_data_options(p, _D)
     p.add_argument("--until", choices=STEP_ORDER, default=None, help="stop after this step")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     for old, new in DEPRECATED.items():
@@ -67,13 +83,10 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
         return study_main([a for a in argv if a != "--study"])
     args = build_parser().parse_args(argv)
     try:
-        cfg = DemoConfig(out=args.out, n_train=args.cases, n_test=args.test_cases, voxel_size=args.voxel_size,
-                         lesion_volume=tuple(args.lesion_volume),
-                         seed=args.seed, train_seed=None if args.train_seed == -1 else args.train_seed,
-                         dataset_id=args.dataset_id, methods=tuple(args.methods),
-                         epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
-                         features=tuple(args.features), patch=args.patch, batch=args.batch, device=args.device,
-                         fresh=args.fresh, until=args.until, progress=show_progress(args.no_progress))
+        cfg = DemoConfig(out=args.out, seed=args.seed, train_seed=None if args.train_seed == -1 else args.train_seed,
+                         methods=tuple(args.methods), epochs=args.epochs, iterations=args.iterations,
+                         val_iterations=args.val_iterations, fresh=args.fresh, until=args.until,
+                         progress=show_progress(args.no_progress), **data_settings(args))
     except ValueError as e:  # an option value out of range: a usage error
         print(f"nnunetv2_ohem_demo: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -48,6 +48,8 @@ class DemoConfig:
     #: new-lesion volumes (mm³) of the demo phantoms: larger than MSSEG-II's typical 1-50 mm³ so that a network
     #: trained for minutes on a CPU finds them; (1, 50) gives the realistic, much harder setting
     lesion_volume: Tuple[float, float] = (100.0, 1000.0)
+    #: new lesions per lesion-bearing phantom (MSSEG-II cases have 0 to ~15, the generator's default is 1-8)
+    new_lesions: Tuple[int, int] = (1, 8)
     #: phantom seed: same seed -> byte-identical phantoms
     seed: int = 0
     #: training seed (Python, NumPy and torch generators of nnU-Net's training: network initialisation, patch
@@ -72,6 +74,7 @@ class DemoConfig:
         self.methods = tuple(self.methods)
         self.features = tuple(self.features)
         self.lesion_volume = tuple(float(v) for v in self.lesion_volume)
+        self.new_lesions = tuple(int(v) for v in self.new_lesions)
         if len(self.lesion_volume) != 2 or not 0 < self.lesion_volume[0] <= self.lesion_volume[1]:
             raise ValueError(f"lesion_volume must be two numbers 0 < lo <= hi, got {self.lesion_volume}")
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
@@ -273,9 +276,11 @@ def _phantom_config(cfg: DemoConfig):
     from nnunetv2_ohem.phantoms.mni import MSSEG2PhantomConfig
     try:
         return MSSEG2PhantomConfig.with_lesion_volume(cfg.lesion_volume, voxel_size=cfg.voxel_size,
-                                                      **cfg.phantom_options)
+                                                      **{"n_new_lesions": cfg.new_lesions, **cfg.phantom_options})
     except TypeError as e:  # an unknown setting name
         raise ValueError(f"phantom_options: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"phantom settings: {e}") from None
 
 
 def train_environment(cfg: DemoConfig, paths: Paths, device: str, epochs: Optional[int] = None,
@@ -388,7 +393,8 @@ def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
                      paths.test_images, paths.test_labels, paths.predictions, paths.metrics, paths.report,
                      run_info={"device": device, "machine": machine_description(device), **schedule,
                                "n_train": cfg.n_train, "n_test": cfg.n_test, "voxel_size_mm": cfg.voxel_size,
-                               "new lesion volume mm³": list(cfg.lesion_volume), "phantom seed": cfg.seed,
+                               "new lesion volume mm³": list(cfg.lesion_volume),
+                               "new lesions per case": list(cfg.new_lesions), "phantom seed": cfg.seed,
                                **({"phantom options": cfg.phantom_options} if cfg.phantom_options else {}),
                                "U-Net features": list(cfg.features), "patch": cfg.patch, "batch": cfg.batch,
                                "wall seconds of the steps above (when they ran)": round(seconds, 1)})

@@ -72,6 +72,7 @@ class StudyConfig:
     n_test: int = 6
     voxel_size: float = DemoConfig.voxel_size
     lesion_volume: Tuple[float, float] = DemoConfig.lesion_volume
+    new_lesions: Tuple[int, int] = DemoConfig.new_lesions
     phantom_seed: int = DemoConfig.seed
     dataset_id: int = DemoConfig.dataset_id
     features: Tuple[int, ...] = DemoConfig.features
@@ -113,7 +114,8 @@ class StudyConfig:
 
     def demo_config(self) -> DemoConfig:
         return DemoConfig(out=os.path.join(self.out, "data"), n_train=self.n_train, n_test=self.n_test,
-                          voxel_size=self.voxel_size, lesion_volume=self.lesion_volume, seed=self.phantom_seed,
+                          voxel_size=self.voxel_size, lesion_volume=self.lesion_volume,
+                          new_lesions=self.new_lesions, seed=self.phantom_seed,
                           dataset_id=self.dataset_id, methods=(self.reference,), epochs=self.epochs,
                           iterations=self.iterations, val_iterations=self.val_iterations, features=self.features,
                           patch=self.patch, batch=self.batch, device=self.device, until="plan",
@@ -179,20 +181,18 @@ def significance(lo: float, hi: float) -> Optional[bool]:
     return lo > 0 or hi < 0
 
 
-def _fmt(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+def _fmt(mean: float, lo: float, hi: float, digits: int = 3, sign: str = "") -> str:
+    """``mean [lo, hi]``; ``sign="+"`` prints signs (differences)."""
     if math.isnan(mean):
         return "n/a"
+    f = f"{sign}.{digits}f"
     if math.isnan(lo):
-        return f"{mean:.{digits}f} (no CI)"
-    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return f"{mean:{f}} (no CI)"
+    return f"{mean:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
 def _signed(mean: float, lo: float, hi: float, digits: int = 3) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    if math.isnan(lo):
-        return f"{mean:+.{digits}f} (no CI)"
-    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return _fmt(mean, lo, hi, digits, sign="+")
 
 
 def summary_markdown(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str, date: str,
@@ -440,6 +440,7 @@ def build_parser():
     import argparse
 
     from nnunetv2_ohem.cli_common import HelpFormatter, add_deprecated_alias
+    from nnunetv2_ohem.demo.cli import add_data_options
 
     d = StudyConfig()
     p = argparse.ArgumentParser(prog="nnunetv2_ohem_demo --study", formatter_class=HelpFormatter,
@@ -460,18 +461,8 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the equal-iterations budget")
     p.add_argument("--iterations", type=int, default=d.iterations, help="training iterations per epoch")
     p.add_argument("--val_iterations", type=int, default=d.val_iterations, help="validation iterations per epoch")
-    p.add_argument("--cases", type=int, default=d.n_train, help="training phantoms")
-    p.add_argument("--test_cases", type=int, default=d.n_test, help="held-out phantoms (predicted and scored)")
-    p.add_argument("--voxel_size", type=float, default=d.voxel_size, help="isotropic phantom voxel size in mm")
-    p.add_argument("--lesion_volume", type=float, nargs=2, default=list(d.lesion_volume), metavar=("LO", "HI"),
-                   help="new-lesion volumes in mm³")
     p.add_argument("--phantom_seed", type=int, default=d.phantom_seed, help="seed of the one phantom dataset")
-    p.add_argument("-d", "--dataset_id", type=int, default=d.dataset_id, help="nnU-Net dataset id of the phantoms")
-    p.add_argument("--features", type=int, nargs="+", default=list(d.features), help="U-Net features per stage")
-    p.add_argument("--patch", type=int, default=d.patch, help="patch edge (voxels)")
-    p.add_argument("--batch", type=int, default=d.batch, help="batch size")
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda", "mps"),
-                   help="auto = cuda when available")
+    add_data_options(p, d)
     p.add_argument("--jobs", type=int, default=d.jobs,
                    help="runs in parallel (on CPU each gets OMP_NUM_THREADS=1 unless set)")
     p.add_argument("--rerun", action="store_true",
@@ -489,17 +480,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     import sys
 
     from nnunetv2_ohem.cli_common import EXIT_BAD_DATA, EXIT_USAGE, UserError, show_progress
+    from nnunetv2_ohem.demo.cli import data_settings
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         cfg = StudyConfig(out=args.out, docs=args.docs, methods=tuple(args.methods), seeds=tuple(args.seeds),
                           budget=args.budget, epochs=args.epochs, iterations=args.iterations,
-                          val_iterations=args.val_iterations, n_train=args.cases, n_test=args.test_cases,
-                          voxel_size=args.voxel_size, lesion_volume=tuple(args.lesion_volume),
-                          phantom_seed=args.phantom_seed, dataset_id=args.dataset_id, features=tuple(args.features),
-                          patch=args.patch, batch=args.batch, device=args.device, jobs=args.jobs, rerun=args.rerun,
-                          notes=args.notes, progress=show_progress(args.no_progress),
-                          command="nnunetv2_ohem_demo --study " + " ".join(shlex.quote(a) for a in argv))
+                          val_iterations=args.val_iterations, phantom_seed=args.phantom_seed, jobs=args.jobs,
+                          rerun=args.rerun, notes=args.notes, progress=show_progress(args.no_progress),
+                          command="nnunetv2_ohem_demo --study " + " ".join(shlex.quote(a) for a in argv),
+                          **data_settings(args))
     except ValueError as e:  # an option value out of range: a usage error
         print(f"nnunetv2_ohem_demo --study: error: {e}", file=sys.stderr)
         return EXIT_USAGE
