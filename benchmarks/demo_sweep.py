@@ -46,7 +46,8 @@ _DATA = {
     "msseg2_sized": {"lesion_volume": (1.0, 50.0)},
 }
 _BUDGETS = {"": {}, "e60x10": {"epochs": 60, "iterations": 10}, "e40x10": {"epochs": 40, "iterations": 10},
-            "e30x10": {"epochs": 30, "iterations": 10}, "e20x20": {"epochs": 20, "iterations": 20},
+            "e30x10": {"epochs": 30, "iterations": 10}, "e50x10": {"epochs": 50, "iterations": 10},
+            "e20x20": {"epochs": 20, "iterations": 20},
             "e30x10b4": {"epochs": 30, "iterations": 10, "batch": 4}}
 #: variant name ("<data>_<budget>", either part may be empty) -> DemoConfig overrides (the rest: demo defaults)
 VARIANTS = {"_".join(p for p in (d, b) if p) or "default": {**dv, **bv}
@@ -81,22 +82,27 @@ def prepared(cfg: DemoConfig, root: str) -> str:
     return folder
 
 
-def run_one(root: str, variant: str, train_seed: int, methods=None) -> dict:
-    tag = variant + ("" if methods is None else "-" + "-".join(methods))
+def run_one(root: str, variant: str, train_seed: int, methods=None, fresh: bool = False) -> dict:
+    """One demo run; ``fresh``: end to end in a new folder (phantoms, conversion and plans included in the
+    time), as a new user's ``make demo --train_seed S``."""
+    tag = variant + ("" if methods is None else "-" + "-".join(methods)) + ("-fresh" if fresh else "")
     cfg = DemoConfig(**{**VARIANTS[variant], "train_seed": train_seed, "progress": False,
                         "out": os.path.join(root, tag, f"seed{train_seed}"),
                         **({} if methods is None else {"methods": tuple(methods)})})
-    if not os.path.exists(os.path.join(cfg.out, "steps", "plan.json")):
+    if fresh:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    elif not os.path.exists(os.path.join(cfg.out, "steps", "plan.json")):
         shutil.rmtree(cfg.out, ignore_errors=True)
         shutil.copytree(prepared(cfg, root), cfg.out, symlinks=True)
     result = run_demo(cfg)
     row = {"variant": variant, "train_seed": train_seed, "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": f"{os.cpu_count()}-core {platform.machine()}", "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-           "total_seconds": sum(v["seconds"] for v in result["steps"].values()),
+           "total_seconds": sum(v["seconds"] for v in result["steps"].values()), "fresh": fresh,
+           "wall_seconds": result["seconds"], "load_average": os.getloadavg(),
            "steps": {k: {"s": round(v["seconds"], 1), "cpu_s": round(v.get("cpu_seconds", 0.0), 1)}
                      for k, v in result["steps"].items()},
            "settings": {k: asdict(cfg)[k] for k in ("epochs", "iterations", "batch", "lesion_volume",
-                                                    "phantom_options")}}
+                                                    "new_lesions", "features", "phantom_options")}}
     for method in cfg.methods:
         with open(os.path.join(cfg.out, "metrics", f"{method}.json")) as f:
             agg = json.load(f)["challenge"]
@@ -110,16 +116,27 @@ def run_one(root: str, variant: str, train_seed: int, methods=None) -> dict:
 
 
 def table(rows) -> str:
+    """Markdown table: per run the settings, per method lesion F1 / Dice / FP lesions on the lesion-free case /
+    onset epoch (pseudo Dice > 0.1), training CPU seconds, and the run's wall seconds."""
     methods = [m for m in ("nnUNetTrainer", "nnUNetTrainerOHEMEMA") if any(m in r for r in rows)]
-    head = ["variant", "seed", "epochs × it.", "batch"] + [f"{m} F1 / onset" for m in methods] + ["total s"]
+    short = {"nnUNetTrainer": "plain", "nnUNetTrainerOHEMEMA": "OHEM-EMA"}
+    head = ["variant", "train seed", "epochs × it.", "features", "new lesions", "threads"]
+    head += [f"{short[m]}: F1 / Dice / FP / onset / train CPU-s" for m in methods] + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r["settings"]
-        cells = [r["variant"], str(r["train_seed"]), f"{s['epochs']} × {s['iterations']}", str(s["batch"])]
+        # rows written before features / new_lesions were recorded ran the then-defaults 8/16/32 and 1-8
+        features = s.get("features") or VARIANTS.get(r["variant"], {}).get("features") or (8, 16, 32)
+        lesions = s.get("phantom_options", {}).get("n_new_lesions") or s.get("new_lesions") or (1, 8)
+        cells = [r["variant"] + (" (fresh)" if r.get("fresh") else ""), str(r["train_seed"]),
+                 f"{s['epochs']} × {s['iterations']}", "/".join(map(str, features)), "-".join(map(str, lesions)),
+                 str(r.get("omp_threads") or "all")]
         for m in methods:
             v = r.get(m)
-            cells.append("–" if v is None else f"{v['lesion_f1']:.2f} / {v['onset_epoch']}")
-        cells.append(f"{r['total_seconds']:.0f}")
+            cpu = r["steps"].get(f"train/{m}", {}).get("cpu_s")
+            cells.append("–" if v is None else f"{v['lesion_f1']:.2f} / {v['dice']:.2f} / "
+                                               f"{v['fp_lesions_lesion_free']:g} / {v['onset_epoch']} / {cpu:.0f}")
+        cells.append(f"{r.get('wall_seconds', r['total_seconds']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,6 +147,8 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
     p.add_argument("--train_seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=None, help="default: the demo's")
+    p.add_argument("--fresh", action="store_true",
+                   help="end-to-end runs in new folders (no shared phantoms/plans): the timing of make demo")
     p.add_argument("--table", action="store_true", help="print sweep.jsonl as a markdown table and exit")
     args = p.parse_args()
     os.makedirs(args.root, exist_ok=True)
@@ -144,9 +163,9 @@ def main() -> int:
     for variant in args.variants:
         for seed in args.train_seeds:
             if any(r["variant"] == variant and r["train_seed"] == seed and r.get("methods") == args.methods
-                   for r in done):
+                   and r.get("fresh", False) == args.fresh for r in done):
                 continue
-            row = dict(run_one(args.root, variant, seed, args.methods), methods=args.methods)
+            row = dict(run_one(args.root, variant, seed, args.methods, args.fresh), methods=args.methods)
             print(json.dumps(row), flush=True)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")

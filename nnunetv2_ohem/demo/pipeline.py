@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from nnunetv2_ohem.atomic import write_text_atomic
-from nnunetv2_ohem.demo.methods import NAMES, trainer_for
+from nnunetv2_ohem.demo.methods import DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS, NAMES, trainer_for
 # shared with the compare engine, which must not import the demo; importable from here as before
 from nnunetv2_ohem.runtime import (TILE_STEP_SIZE, HeldOutPredictor, console_script,  # noqa: F401
                                    machine_description, paired_tile_predictor_class)
@@ -59,9 +59,9 @@ class DemoConfig:
     phantom_options: Dict[str, Any] = field(default_factory=dict)
     dataset_id: int = 942
     methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA", "nnUNetTrainer")
-    epochs: int = 60
-    iterations: int = 10
-    val_iterations: int = 2
+    epochs: int = DEMO_EPOCHS
+    iterations: int = DEMO_ITERATIONS
+    val_iterations: int = DEMO_VAL_ITERATIONS
     features: Tuple[int, ...] = (8, 16, 32)
     patch: int = 32
     batch: int = 2

@@ -17,13 +17,10 @@ import importlib
 import torch
 
 from nnunetv2_ohem import envvars
-from nnunetv2_ohem.demo.methods import METHODS
+from nnunetv2_ohem.demo.methods import DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS, METHODS
 from nnunetv2_ohem.runtime import seed_everything
 from nnunetv2_ohem.training.common import with_training_length
 
-DEMO_EPOCHS = 60
-DEMO_ITERATIONS = 10
-DEMO_VAL_ITERATIONS = 2
 #: nnU-Net redraws its 30 x 54 inch progress.png after every epoch (~0.7 s on a 2-core CPU, as long as the
 #: epoch itself at the demo's size); the demo trainers redraw it every this many epochs and after the last
 PLOT_EVERY = 10
