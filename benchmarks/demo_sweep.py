@@ -102,7 +102,8 @@ def run_one(root: str, variant: str, train_seed: int, methods=None, fresh: bool 
            "steps": {k: {"s": round(v["seconds"], 1), "cpu_s": round(v.get("cpu_seconds", 0.0), 1)}
                      for k, v in result["steps"].items()},
            "settings": {k: asdict(cfg)[k] for k in ("epochs", "iterations", "batch", "lesion_volume",
-                                                    "new_lesions", "features", "phantom_options")}}
+                                                    "new_lesions", "features", "phantom_options", "val_iterations",
+                                                    "methods")}}
     for method in cfg.methods:
         with open(os.path.join(cfg.out, "metrics", f"{method}.json")) as f:
             agg = json.load(f)["challenge"]
@@ -118,8 +119,10 @@ def run_one(root: str, variant: str, train_seed: int, methods=None, fresh: bool 
 def table(rows) -> str:
     """Markdown table: per run the settings, per method lesion F1 / Dice / FP lesions on the lesion-free case /
     onset epoch (pseudo Dice > 0.1), training CPU seconds, and the run's wall seconds."""
-    methods = [m for m in ("nnUNetTrainer", "nnUNetTrainerOHEMEMA") if any(m in r for r in rows)]
-    short = {"nnUNetTrainer": "plain", "nnUNetTrainerOHEMEMA": "OHEM-EMA"}
+    methods = [m for m in ("nnUNetTrainer", "nnUNetTrainerOHEMEMA", "nnUNetTrainerOHEMEMA_CE")
+               if any(m in r for r in rows)]
+    short = {"nnUNetTrainer": "plain", "nnUNetTrainerOHEMEMA": "OHEM-EMA (DC+CE ranking)",
+             "nnUNetTrainerOHEMEMA_CE": "OHEM-EMA (CE ranking)"}
     head = ["variant", "train seed", "epochs × it.", "features", "new lesions", "threads"]
     head += [f"{short[m]}: F1 / Dice / FP / onset / train CPU-s" for m in methods] + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -129,7 +132,7 @@ def table(rows) -> str:
         features = s.get("features") or VARIANTS.get(r["variant"], {}).get("features") or (8, 16, 32)
         lesions = s.get("phantom_options", {}).get("n_new_lesions") or s.get("new_lesions") or (1, 8)
         cells = [r["variant"] + (" (fresh)" if r.get("fresh") else ""), str(r["train_seed"]),
-                 f"{s['epochs']} × {s['iterations']}", "/".join(map(str, features)), "-".join(map(str, lesions)),
+                 f"{s['epochs']} × {s['iterations']}" + (f" (val {s['val_iterations']})" if "val_iterations" in s else ""), "/".join(map(str, features)), "-".join(map(str, lesions)),
                  str(r.get("omp_threads") or "all")]
         for m in methods:
             v = r.get(m)
@@ -163,7 +166,9 @@ def main() -> int:
     for variant in args.variants:
         for seed in args.train_seeds:
             if any(r["variant"] == variant and r["train_seed"] == seed and r.get("methods") == args.methods
-                   and r.get("fresh", False) == args.fresh for r in done):
+                   and r.get("fresh", False) == args.fresh and r["settings"].get("methods", DemoConfig().methods)
+                   == list(DemoConfig(**VARIANTS[variant]).methods if args.methods is None else args.methods)
+                   for r in done):
                 continue
             row = dict(run_one(args.root, variant, seed, args.methods, args.fresh), methods=args.methods)
             print(json.dumps(row), flush=True)

@@ -11,9 +11,9 @@ from typing import Dict, Tuple
 DEMO_SUFFIX = "_Demo"
 #: the demo's training budget, shared by every method (``nnunetv2_ohem_demo --epochs/--iterations/--val_iterations``
 #: and the ``_Demo`` trainers' defaults); chosen from the sweep in docs/demo.md
-DEMO_EPOCHS = 60
+DEMO_EPOCHS = 50
 DEMO_ITERATIONS = 10
-DEMO_VAL_ITERATIONS = 2
+DEMO_VAL_ITERATIONS = 1
 
 
 @dataclass(frozen=True)
