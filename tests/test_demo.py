@@ -203,7 +203,8 @@ def _same_weights(a, b):
 # one method keeps the smoke run within the suite's time share (each method adds a training and a prediction
 # subprocess); the multi-method table is covered by the fixed-metrics tests above
 SMOKE = ["--cases", "3", "--test_cases", "2", "--epochs", "1", "--iterations", "2", "--val_iterations", "1",
-         "--voxel_size", "4", "-d", "943", "--no_progress", "--methods", "nnUNetTrainerOHEMEMA"]
+         "--voxel_size", "4", "-d", "943", "--features", "4", "8", "16", "--no_progress", "--methods",
+         "nnUNetTrainerOHEMEMA"]
 
 
 @pytest.mark.slow

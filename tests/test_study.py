@@ -220,9 +220,9 @@ def test_selection_plot_reads_ohem_diagnostics_of_the_compare_runs(tmp_path):
 
 # ---------------------------------------------------------------------------------------- real, end to end
 
-TINY = ["--cases", "3", "--test_cases", "2", "--voxel_size", "4", "-d", "944", "--epochs", "1", "--iterations", "2",
-        "--val_iterations", "1", "-tr", "nnUNetTrainer", "nnUNetTrainerOHEMEMA", "--seeds", "0", "1",
-        "--budget", "both", "--device", "cpu", "--jobs", "2", "--no_progress"]
+TINY = ["--cases", "3", "--test_cases", "2", "--voxel_size", "4", "-d", "944", "--features", "4", "8", "16",
+        "--epochs", "1", "--iterations", "2", "--val_iterations", "1", "-tr", "nnUNetTrainer", "nnUNetTrainerOHEMEMA",
+        "--seeds", "0", "1", "--budget", "both", "--device", "cpu", "--jobs", "2", "--no_progress"]
 
 
 def _checkpoints(root):
