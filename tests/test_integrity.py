@@ -214,10 +214,17 @@ def _temp_folders(raw: str, name: str):
     return sorted(os.path.join(raw, n) for n in os.listdir(raw) if n.startswith(f".{name}.tmp-"))
 
 
+def _default_sigint() -> None:
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that (a
+    # test runner launched with `... &` would make Ctrl-C a no-op); a terminal's foreground job has the default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_conversion(src: str, raw: str, dataset_id: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nnunetv2_ohem.dataset_conversion.cli", "msseg2", src, "-d",
                              str(dataset_id), "-o", raw, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)   # own process group
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True,   # own process group
+                            preexec_fn=_default_sigint)
 
 
 def _wait_mid_run(proc: subprocess.Popen, raw: str, name: str, min_files: int = 2, timeout: float = 120) -> str:
