@@ -101,8 +101,8 @@ def paired_tile_predictor_class():
     """``nnUNetPredictor`` that runs each sliding-window tile as a batch of two identical copies on a CPU.
 
     nnU-Net predicts one tile at a time. On CPUs, PyTorch's oneDNN 3-d convolutions are pathologically slow
-    for a batch of one: the demo's U-Net takes 170-470 ms for one 32³ tile but 19-28 ms for a batch of two
-    (2-core x86_64, ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
+    for a batch of one: a U-Net 8/16/32 takes 67 ms for one 32³ tile but 21 ms for a batch of two (idle 2-core
+    x86_64; 170-470 ms vs 19-28 ms on the same machine under load; ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
     copy's logits equal the single tile's (up to float rounding)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -454,7 +454,7 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     On a CPU nnU-Net's own predictor runs in this process (the thread of a local launcher, or the SLURM job)
     instead of an ``nnUNetv2_predict`` subprocess: no second torch/nnU-Net start-up and no preprocessing and
     export worker processes, which on a small CPU cost more than predicting a few cases, and each tile goes
-    through the network as a pair of identical copies (oneDNN's batch-1 3-d convolutions are 6-25x slower
+    through the network as a pair of identical copies (oneDNN's batch-1 3-d convolutions are 3-25x slower
     than a batch of two, :func:`nnunetv2_ohem.runtime.paired_tile_predictor_class`). The settings are the
     ones the logged ``nnUNetv2_predict`` line would use; elsewhere that command itself runs."""
     t, e, run_dir = spec["train"], spec["eval"], spec["run_dir"]
