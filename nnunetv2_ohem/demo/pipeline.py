@@ -60,8 +60,9 @@ class DemoConfig:
     phantom_options: Dict[str, Any] = field(default_factory=dict)
     dataset_id: int = 942
     #: OHEM-EMA with CE ranking: with the DC+CE ranking (nnUNetTrainerOHEMEMA) mining turned the learned
-    #: segmentation back into "all background" in 1 of the 4 default-setting runs measured, as lesion-free
-    #: patches with a few false-positive voxels rank hardest under a per-patch Dice (docs/demo.md)
+    #: segmentation back into "all background" for good in 1 of the 2 runs at these settings (for 9 epochs in
+    #: the other), as lesion-free patches with a few false-positive voxels rank hardest under a per-patch Dice
+    #: (docs/demo.md)
     methods: Tuple[str, ...] = ("nnUNetTrainerOHEMEMA_CE", "nnUNetTrainer")
     epochs: int = DEMO_EPOCHS
     iterations: int = DEMO_ITERATIONS
