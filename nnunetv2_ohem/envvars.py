@@ -18,6 +18,7 @@ BLOB_ALPHA = "nnUNet_ohem_blob_alpha"
 BLOB_BETA = "nnUNet_ohem_blob_beta"
 BLOB_CONNECTIVITY = "nnUNet_ohem_blob_connectivity"
 CPU_FP16 = "nnUNet_ohem_cpu_fp16"
+CPU_THREADS = "nnUNet_ohem_cpu_threads"
 COMPARE_EPOCHS = "nnUNet_ohem_compare_epochs"
 COMPARE_ITERATIONS = "nnUNet_ohem_compare_iterations"
 COMPARE_VAL_ITERATIONS = "nnUNet_ohem_compare_val_iterations"
@@ -33,6 +34,7 @@ VARIABLES: Dict[str, Tuple[str, ...]] = {
     BLOB_BETA: ("nnUNet_blob_beta",),
     BLOB_CONNECTIVITY: ("nnUNet_blob_connectivity",),
     CPU_FP16: (),
+    CPU_THREADS: (),
     COMPARE_EPOCHS: ("NNUNETV2_OHEM_COMPARE_EPOCHS",),
     COMPARE_ITERATIONS: ("NNUNETV2_OHEM_COMPARE_ITERATIONS",),
     COMPARE_VAL_ITERATIONS: ("NNUNETV2_OHEM_COMPARE_VAL_ITERATIONS",),

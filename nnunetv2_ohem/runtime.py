@@ -1,5 +1,6 @@
-"""Process helpers shared by the demo and the compare engine: console scripts, the machine's description,
-training seeds and nnU-Net's predictor kept in the calling process.
+"""Process helpers shared by the demo and the compare engine: console scripts, logged nnU-Net subprocesses,
+the machine's description, training seeds and CPU threads, and nnU-Net's predictor kept in the calling
+process.
 
 They live here, not in the demo, so that the compare engine does not import the demo (the demo's study is a
 user of compare). Import-light: torch and nnU-Net are imported only inside the functions that need them.
@@ -7,10 +8,14 @@ user of compare). Import-light: torch and nnU-Net are imported only inside the f
 import contextlib
 import functools
 import os
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import threading
-from typing import Iterator, Optional, TextIO
+import time
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, TextIO
 
 
 def console_script(name: str) -> str:
@@ -18,6 +23,105 @@ def console_script(name: str) -> str:
     for a PATH lookup: a subprocess then runs the nnU-Net of the environment that runs us."""
     exe = os.path.join(os.path.dirname(sys.executable), name)
     return exe if os.path.exists(exe) else name
+
+
+class Finished(NamedTuple):
+    """How a subprocess ended: its exit code and the CPU seconds (user + system) it and its children used."""
+    code: int
+    cpu_seconds: float
+
+
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def run_logged(cmd: Sequence[str], env: Dict[str, str], log_path: str,
+               on_line: Optional[Callable[[str], None]] = None) -> Finished:
+    """Run ``cmd`` with its output in ``log_path`` (first line: the command), calling ``on_line`` per output
+    line (progress bars). Safe to call from several threads at once: the CPU seconds are this child's own
+    (``os.wait4``), not the whole process's, and :func:`terminate_live_processes` stops every running one. If
+    the caller is interrupted (Ctrl-C, SIGTERM turned into an exception), the child is stopped too."""
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", stdin=subprocess.DEVNULL, bufsize=1)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()  # users tail the log while nnU-Net runs
+                if on_line is not None:
+                    on_line(line)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except ChildProcessError:  # reaped elsewhere (a stray Popen.poll): the code is known, the CPU not
+                proc.wait()
+                return Finished(proc.returncode, float("nan"))
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return Finished(proc.returncode, usage.ru_utime + usage.ru_stime)
+        finally:
+            if proc.returncode is None and proc.poll() is None:  # interrupted: never leave nnU-Net running
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+
+
+def terminate_live_processes(timeout: float = 30.0) -> None:
+    """Terminate the subprocesses :func:`run_logged` is running for any thread (after Ctrl-C / SIGTERM) and
+    wait until their threads have seen them end (killed after ``timeout`` s). The signal goes by ``os.kill``:
+    ``Popen.terminate`` polls first, which could reap the child before its own thread reads its CPU time."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with _LIVE_LOCK:
+                if not _LIVE.intersection(procs):
+                    return
+            time.sleep(0.05)
+
+
+def last_lines(log_path: str, n: int) -> List[str]:
+    """The last ``n`` non-empty lines of a log (error messages quote them)."""
+    with open(log_path, errors="replace") as f:
+        return [ln.rstrip() for ln in f.read().splitlines() if ln.strip()][-n:]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a SLURM or cgroup CPU set, else all of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def apply_cpu_threads(device) -> Optional[int]:
+    """Give torch the thread count of ``nnUNet_ohem_cpu_threads`` when training on a CPU; returns it (None:
+    unset, or not a CPU).
+
+    nnU-Net's ``nnUNetv2_train -device cpu`` sets ``torch.set_num_threads(cpu_count())`` before it builds the
+    trainer, which overrides ``OMP_NUM_THREADS``, so trainings started side by side would each use every core
+    and fight for them. Called from a trainer's ``__init__``, after that. A fixed count also fixes the float
+    reductions, so a seeded run gives the same result on machines with different core counts."""
+    from nnunetv2_ohem import envvars
+    threads = envvars.get_int(envvars.CPU_THREADS, positive=True)
+    if threads is None or str(device).split(":")[0] != "cpu":
+        return None
+    import torch
+    torch.set_num_threads(threads)
+    return threads
 
 
 def machine_description(device: str) -> str:

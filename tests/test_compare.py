@@ -1,6 +1,7 @@
 """nnunetv2_ohem_compare: statistics against a hand computation, model selection on a fixed table (with a
 lesion-free fold), one-line errors, the submitit launcher path and (slow) a real comparison on the tiny
 dataset: rows, reuse, a changed setting refused, an evaluation-only change, the launcher through submitit."""
+import glob
 import io
 import json
 import math
@@ -390,6 +391,12 @@ def test_compare_end_to_end_on_the_tiny_dataset(tiny_dataset, tmp_path, capsys):
     assert set(zip(res["trainer"], res["fold"])) == {(t, f) for t in trainers for f in (0, 1)}
     assert (res["epochs"] == 2).all() and (res["iterations_per_epoch"] == 5).all()
     assert (res["train_seconds"] > 0).all()
+    # two runs side by side share the cores: nnU-Net's -device cpu would give each all of them
+    from nnunetv2_ohem.runtime import usable_cores
+    logs = glob.glob(os.path.join(out, "**", "train.log"), recursive=True)
+    assert len(logs) == 4
+    for log in logs:
+        assert f", {max(1, usable_cores() // 2)} torch thread(s) on the CPU" in open(log).read(), log
     for col in ("n_cases", "n_ref_lesions", "n_pred_lesions", "fp_lesions", "fn_lesions", "tp_ref_lesions"):
         assert np.isfinite(res[col]).all(), col
     # metrics over cases with lesions exist where the fold has lesions, FP counts where it has lesion-free cases

@@ -238,6 +238,8 @@ def test_demo_end_to_end_reuse_and_fresh(cli, tmp_path):
     for src in images:
         _png_ok(out / "report" / src)
 
+    # one fixed thread count per training on a CPU (nnU-Net's -device cpu would take every core)
+    assert "Demo trainer: 1 torch thread(s)" in (out / "logs" / f"train_{methods[0]}.log").read_text()
     ckpt = os.path.join(paths.training_output(DemoConfig(dataset_id=943), methods[0]), "checkpoint_final.pth")
     mtime = os.path.getmtime(ckpt)
     t0 = time.time()

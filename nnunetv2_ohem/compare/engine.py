@@ -35,8 +35,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -52,10 +50,13 @@ from nnunetv2_ohem.compare import trainers as wrap
 from nnunetv2_ohem.compare.budget import equal_time_epochs, parse_epoch_times
 from nnunetv2_ohem.compare.defaults import DEFAULT_TRAINERS, LAUNCHERS
 from nnunetv2_ohem.evaluation.run_metrics import FAMILIES, run_metrics
-from nnunetv2_ohem.runtime import console_script, machine_description
+from nnunetv2_ohem.runtime import (console_script, last_lines, machine_description, run_logged,
+                                   terminate_live_processes, usable_cores)
 
 BUDGET_CHOICES = {"iterations": ("iterations",), "time": ("time",), "both": ("iterations", "time")}
 RECORD = "run.json"
+#: nnU-Net's own sliding-window step (``nnUNetv2_predict -step_size``), the default of ``--step_size``
+DEFAULT_STEP_SIZE = 0.5
 _SCHEDULE_RE = re.compile(r"nnunetv2_ohem_compare: \S+ with (\d+) epochs x (\d+) iterations")
 
 
@@ -89,7 +90,7 @@ class CompareConfig:
     test: Optional[str] = None
     test_labels: Optional[str] = None
     disable_tta: bool = False
-    step_size: float = 0.5
+    step_size: float = DEFAULT_STEP_SIZE
     num_processes: int = 3
     device: str = "cuda"
     jobs: int = 1
@@ -281,8 +282,11 @@ def make_spec(cfg: CompareConfig, ds: Dataset, budget: str, trainer: str, fold: 
         env["nnUNet_raw"] = os.environ["nnUNet_raw"]
     ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     env["nnUNet_extTrainer"] = os.pathsep.join(ext + ([wrap.EXT_FOLDER] if wrap.EXT_FOLDER not in ext else []))
-    if cfg.jobs > 1 and cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = "1"  # parallel runs share the cores instead of fighting for them
+    if cfg.jobs > 1 and cfg.device == "cpu":  # parallel runs share the cores instead of fighting for them
+        threads = str(max(1, usable_cores() // cfg.jobs))
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", threads))
+        # nnU-Net's -device cpu ignores OMP_NUM_THREADS for torch; the _Compare wrapper applies this instead
+        envvars.set_value(envvars.CPU_THREADS, envvars.get_str(envvars.CPU_THREADS, threads), env)
     return {"train": train, "eval": evaluation, "env": env, "dataset_id": ds.dataset_id,
             "gt_folder": ds.gt_folder, "file_ending": ds.file_ending, "num_processes": cfg.num_processes,
             "run_dir": run_dir_of(cfg.out, budget, trainer, fold, seed), "out": os.path.abspath(cfg.out),
@@ -323,43 +327,11 @@ def plan_run(spec: Dict, rerun: bool) -> Optional[Dict]:
 
 # ------------------------------------------------------------------------------------------ running a run
 
-_LIVE: set = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def terminate_live_processes() -> None:
-    """Terminate the nnU-Net subprocesses started by this process (after Ctrl-C / SIGTERM)."""
-    with _LIVE_LOCK:
-        procs = list(_LIVE)
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 def run_command(cmd: List[str], env: Dict[str, str], log_path: str, what: str) -> None:
     """Run ``cmd`` with its output in ``log_path``; :class:`CompareError` naming the log when it fails."""
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        with _LIVE_LOCK:
-            _LIVE.add(proc)
-        try:
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-            with _LIVE_LOCK:
-                _LIVE.discard(proc)
+    code = run_logged(cmd, env, log_path).code
     if code != 0:
-        with open(log_path, errors="replace") as f:
-            last = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        last = last_lines(log_path, 1)
         raise CompareError(f"{what} failed (exit code {code}): {last[-1] if last else 'no output'} "
                            f"(full log: {log_path})")
 
@@ -435,13 +407,18 @@ def _validation_reference(spec: Dict, pred_dir: str) -> str:
     return ref
 
 
+def _step_size(evaluation: Dict) -> float:
+    """The run's sliding-window step (records written before ``--step_size`` existed used nnU-Net's)."""
+    return evaluation.get("step_size", DEFAULT_STEP_SIZE)
+
+
 def predict_command(spec: Dict, pred_dir: str) -> List[str]:
     """The ``nnUNetv2_predict`` command line of a run's ``--test`` prediction."""
     t, e = spec["train"], spec["eval"]
     n = str(spec["num_processes"])
     cmd = [console_script("nnUNetv2_predict"), "-i", e["test"], "-o", pred_dir, "-d", str(spec["dataset_id"]),
            "-c", t["configuration"], "-p", t["plans"], "-tr", wrap.wrapped_name(t["trainer"]),
-           "-f", str(t["fold"]), "-chk", "checkpoint_final.pth", "-step_size", f"{e.get('step_size', 0.5):g}",
+           "-f", str(t["fold"]), "-chk", "checkpoint_final.pth", "-step_size", f"{_step_size(e):g}",
            "-device", t["device"], "-npp", n, "-nps", n]
     if e.get("disable_tta"):
         cmd.append("--disable_tta")
@@ -475,12 +452,12 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     # the stock command that gives the same predictions, with the two folders it needs to find the model
     env = " ".join(f"{k}={shlex.quote(spec['env'][k])}" for k in ("nnUNet_results", "nnUNet_extTrainer"))
     line = ("$ " + env + " " + " ".join(shlex.quote(c) for c in cmd) + "\n# run in this process: nnUNetPredictor"
-            f"(tile_step_size={e.get('step_size', 0.5):g}, use_mirroring={not e.get('disable_tta')}) with each "
+            f"(tile_step_size={_step_size(e):g}, use_mirroring={not e.get('disable_tta')}) with each "
             f"tile as a pair of copies, predict_from_files_sequential (no -npp/-nps workers)")
     try:
         # resolved by run_compare before the threads start (cached); a SLURM job resolves it here, alone
         trainer_class = wrap.make_compare_trainer(wrap.wrapped_name(t["trainer"]))
-        HeldOutPredictor("cpu", tile_step_size=e.get("step_size", 0.5), use_mirroring=not e.get("disable_tta")
+        HeldOutPredictor("cpu", tile_step_size=_step_size(e), use_mirroring=not e.get("disable_tta")
                          ).predict(model_dir, e["test"], pred_dir, log_path, fold=t["fold"], command=line,
                                    trainer_class=trainer_class)
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback in the log

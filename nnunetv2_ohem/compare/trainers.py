@@ -4,10 +4,11 @@
 nnU-Net has no command-line switch for the number of epochs or a training seed. For every trainer ``T``
 (ours, nnU-Net's, or a user's in ``nnUNet_extTrainer``) the module in ``_ext/`` makes ``T_Compare`` available
 to nnU-Net's by-name trainer lookup: a subclass of ``T`` that, when the environment variables below are set,
-trains for that many epochs / iterations and seeds Python's, NumPy's and torch's global generators before
-nnU-Net builds the network and its data loaders. Unset, it behaves exactly like ``T``. ``nnUNetv2_predict``
-finds the same class by the checkpoint's trainer name, so predicting needs ``nnUNet_extTrainer`` to include
-:data:`EXT_FOLDER` (the commands printed by ``nnunetv2_ohem_compare`` set it).
+trains for that many epochs / iterations (on a CPU with ``nnUNet_ohem_cpu_threads`` torch threads) and seeds
+Python's, NumPy's and torch's global generators before nnU-Net builds the network and its data loaders.
+Unset, it behaves exactly like ``T``. ``nnUNetv2_predict`` finds the same class by the checkpoint's trainer
+name, so predicting needs ``nnUNet_extTrainer`` to include :data:`EXT_FOLDER` (the commands printed by
+``nnunetv2_ohem_compare`` set it).
 """
 import os
 import threading
@@ -86,10 +87,11 @@ def _make(name: str) -> type:
         raise AttributeError(name)
     import torch
 
-    from nnunetv2_ohem.runtime import seed_everything
+    from nnunetv2_ohem.runtime import apply_cpu_threads, seed_everything
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        threads = apply_cpu_threads(device)
         seed = envvars.get_int(ENV_SEED)
         if seed is not None:  # before the base class builds anything random
             seed_everything(seed)
@@ -100,7 +102,8 @@ def _make(name: str) -> type:
             if v is not None:
                 setattr(self, attr, v)
         self.print_to_log_file(f"nnunetv2_ohem_compare: {base.__name__} with {self.num_epochs} epochs x "
-                               f"{self.num_iterations_per_epoch} iterations, seed {'unset' if seed is None else seed}")
+                               f"{self.num_iterations_per_epoch} iterations, seed {'unset' if seed is None else seed}"
+                               + ("" if threads is None else f", {threads} torch thread(s) on the CPU"))
 
     cls = type(name, (base,), {"__init__": __init__, "__module__": "nnunetv2_ohem_compare_trainers",
                                "__doc__": f"{base.__name__} with the schedule and seed set by "

@@ -9,21 +9,23 @@ subprocesses) with ``nnUNet_raw/preprocessed/results`` pointed into the output f
 nnU-Net folders are never touched.
 """
 import functools
+import itertools
 import json
 import os
 import re
 import shutil
-import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from nnunetv2_ohem import envvars, runtime
 from nnunetv2_ohem.atomic import write_text_atomic
 from nnunetv2_ohem.demo.methods import DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS, NAMES, trainer_for
 # shared with the compare engine, which must not import the demo; importable from here as before
-from nnunetv2_ohem.runtime import (TILE_STEP_SIZE, HeldOutPredictor, console_script,  # noqa: F401
+from nnunetv2_ohem.runtime import (TILE_STEP_SIZE, Finished, HeldOutPredictor, console_script,  # noqa: F401
                                    machine_description, paired_tile_predictor_class)
 
 KNOWN_METHODS = NAMES
@@ -168,8 +170,9 @@ def prepare_output(cfg: DemoConfig) -> Paths:
 
 def nnunet_env(paths: Paths, device: str) -> Dict[str, str]:
     """Environment for nnU-Net subprocesses: our three folders; on CPU no torch.compile, in-process
-    augmentation and passive OpenMP waiting (start-ups, worker processes and spinning threads cost more than
-    they save on small data and a small CPU). A user's own settings of these variables win."""
+    augmentation, passive OpenMP waiting (start-ups, worker processes and spinning threads cost more than
+    they save on small data and a small CPU) and :data:`CPU_TRAIN_THREADS` torch threads per training. A
+    user's own settings of these variables win."""
     env = dict(os.environ)
     env.update({"nnUNet_raw": paths.raw, "nnUNet_preprocessed": paths.preprocessed,
                 "nnUNet_results": paths.results, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"})
@@ -180,33 +183,32 @@ def nnunet_env(paths: Paths, device: str) -> Dict[str, str]:
         env.setdefault("nnUNet_compile", "f")
         env.setdefault("nnUNet_n_proc_DA", "0")
         env.setdefault("nnUNet_def_n_proc", "1")
+        env.setdefault(envvars.CPU_THREADS, str(CPU_TRAIN_THREADS))
     return env
 
 
+#: torch threads of one demo training on a CPU. The methods train side by side, one core each (a 16/32/64
+#: U-Net at batch 2 and 32³ gains only ~1.8x from a second thread, and a training is only partly torch), and
+#: one fixed count makes a seeded run's float reductions, and so its metrics, independent of the core count
+CPU_TRAIN_THREADS = 1
+
+
+def train_jobs(cfg: "DemoConfig", device: str) -> int:
+    """How many methods train at the same time: one per usable core on a CPU, one on a GPU."""
+    if device != "cpu":
+        return 1
+    return max(1, min(len(cfg.methods), runtime.usable_cores() // CPU_TRAIN_THREADS))
+
+
 def run_logged(cmd: List[str], env: Dict[str, str], log_path: str, step: str,
-               on_line: Optional[Callable[[str], None]] = None) -> None:
-    """Run ``cmd``, write its output to ``log_path`` and call ``on_line`` per line (progress bars)."""
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, bufsize=1)
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()  # users may tail the log while nnU-Net runs
-                if on_line is not None:
-                    on_line(line)
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted (Ctrl-C): do not leave nnU-Net running in the background
-                proc.terminate()
-                proc.wait()
-    if code != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-15:])
-        raise DemoError(f"step '{step}' failed (exit code {code}); full log: {log_path}\n{tail}")
+               on_line: Optional[Callable[[str], None]] = None) -> Finished:
+    """Run ``cmd`` (:func:`nnunetv2_ohem.runtime.run_logged`); :class:`DemoError` with the log's tail when it
+    fails."""
+    finished = runtime.run_logged(cmd, env, log_path, on_line)
+    if finished.code != 0:
+        tail = "\n".join(runtime.last_lines(log_path, 15))
+        raise DemoError(f"step '{step}' failed (exit code {finished.code}); full log: {log_path}\n{tail}")
+    return finished
 
 
 def write_single_split(labels_tr: str, path: str, val_fraction: float = 0.2) -> Dict[str, List[str]]:
@@ -246,9 +248,11 @@ class StepRunner:
     def _marker(self, name: str) -> str:
         return os.path.join(self.paths.steps, name.replace("/", "__") + ".json")
 
-    def run(self, name: str, settings: Dict, upstream: Sequence[str], fn: Callable[[], None]) -> bool:
+    def run(self, name: str, settings: Dict, upstream: Sequence[str], fn: Callable[[], Any]) -> bool:
         """Run ``fn`` unless a finished marker with equal ``settings`` exists and no upstream step ran in this
-        run. Returns True when it ran."""
+        run. Returns True when it ran. Steps without common upstream may run in parallel threads; one that
+        runs a subprocess returns its :class:`~nnunetv2_ohem.runtime.Finished`, whose CPU seconds are then
+        recorded instead of this process's (which would include the other steps')."""
         marker = self._marker(name)
         settings = json.loads(json.dumps(settings))
         if os.path.exists(marker) and not (set(upstream) & self.ran):
@@ -262,8 +266,10 @@ class StepRunner:
             os.remove(marker)
         tqdm.write(f"[demo] {name}: running") if self.progress else None
         start, cpu_start = time.time(), _cpu_seconds()
-        fn()
+        result = fn()
         seconds, cpu = time.time() - start, _cpu_seconds() - cpu_start
+        if isinstance(result, Finished):  # a subprocess's own CPU time: steps may run side by side
+            cpu = result.cpu_seconds
         write_text_atomic(marker, json.dumps({"settings": settings, "seconds": seconds, "cpu_seconds": cpu,
                                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
         self.ran.add(name)
@@ -295,7 +301,6 @@ def train_environment(cfg: DemoConfig, paths: Paths, device: str, epochs: Option
                       train_seed: Optional[int] = None) -> Dict[str, str]:
     """Environment of a demo trainer's ``nnUNetv2_train``: :func:`nnunet_env` plus the schedule and the
     training seed (``epochs`` / ``train_seed`` override the config's; a seed of None leaves training unseeded)."""
-    from nnunetv2_ohem import envvars
     from nnunetv2_ohem.training import demo as demo_trainers
     env = nnunet_env(paths, device)
     for name, value in ((demo_trainers.ENV_EPOCHS, cfg.epochs if epochs is None else epochs),
@@ -317,14 +322,14 @@ def train_command(cfg: DemoConfig, method: str, device: str) -> List[str]:
 
 
 def train_method(cfg: DemoConfig, paths: Paths, env: Dict[str, str], method: str, device: str, log_path: str,
-                 epochs: int, progress: bool) -> None:
+                 epochs: int, progress: bool, position: int = 1) -> Finished:
     """Train ``method`` from scratch (its model folder under ``env['nnUNet_results']`` is replaced), with an
-    epoch progress bar fed by nnU-Net's log lines."""
+    epoch progress bar (tqdm line ``position``) fed by nnU-Net's log lines."""
     results = env["nnUNet_results"]
     model_dir = os.path.join(results, cfg.dataset_name, f"{trainer_for(method)}__{cfg.plans_identifier}__3d_fullres")
     shutil.rmtree(model_dir, ignore_errors=True)
     epoch_bar = tqdm(total=epochs, desc=f"train {method}", unit="epoch", leave=False, disable=not progress,
-                     position=1)
+                     position=position)
 
     def on_line(line):
         m = _EPOCH_RE.match(line.strip())
@@ -332,7 +337,7 @@ def train_method(cfg: DemoConfig, paths: Paths, env: Dict[str, str], method: str
             epoch_bar.n = int(m.group(1))
             epoch_bar.refresh()
     try:
-        run_logged(train_command(cfg, method, device), env, log_path, f"train/{method}", on_line)
+        return run_logged(train_command(cfg, method, device), env, log_path, f"train/{method}", on_line)
     finally:
         epoch_bar.close()
 
@@ -382,13 +387,16 @@ def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
         write_single_split(os.path.join(paths.dataset_raw, "labelsTr"),
                            os.path.join(paths.preprocessed, cfg.dataset_name, "splits_final.json"))
 
+    train_env = train_environment(cfg, paths, device)
     schedule = {"epochs": cfg.epochs, "iterations": cfg.iterations, "val_iterations": cfg.val_iterations,
-                "device": device, "train_seed": cfg.train_seed}
+                "device": device, "train_seed": cfg.train_seed,
+                "cpu_threads": envvars.get_int(envvars.CPU_THREADS, environ=train_env)}
     predictor = HeldOutPredictor(device)
+    jobs = train_jobs(cfg, device)
 
     def train(method):
-        train_method(cfg, paths, train_environment(cfg, paths, device), method, device,
-                     os.path.join(paths.logs, f"train_{method}.log"), cfg.epochs, cfg.progress)
+        return train_method(cfg, paths, train_env, method, device, os.path.join(paths.logs, f"train_{method}.log"),
+                            cfg.epochs, cfg.progress, position=1 + cfg.methods.index(method) % jobs)
 
     def predict(method):
         predictor.predict(os.path.dirname(paths.training_output(cfg, method)), paths.test_images,
@@ -422,6 +430,35 @@ def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
     return steps
 
 
+def run_steps(runner: StepRunner, steps: List[Step], jobs: int, bar) -> None:
+    """Run independent ``steps`` (one stage of the table), ``jobs`` at a time. A failed step lets the others
+    finish (they are reused by the next run) and is raised after them; Ctrl-C / SIGTERM stop them all."""
+    if jobs <= 1:
+        for s in steps:
+            runner.run(s.name, s.settings, s.upstream, s.run)
+            bar.update(1)
+        return
+    failures: List[BaseException] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(runner.run, s.name, s.settings, s.upstream, s.run) for s in steps]
+        try:
+            for fut in as_completed(futures):
+                try:
+                    fut.result()
+                except DemoError as err:
+                    failures.append(err)
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            while not all(f.done() for f in futures):  # also a subprocess a thread started just now
+                runtime.terminate_live_processes()
+                time.sleep(0.1)
+            raise
+    if failures:
+        raise failures[0]
+
+
 def run_demo(cfg: DemoConfig) -> Dict:
     """Run (or resume) the whole demo (up to ``cfg.until``); returns ``{"out", "report", "steps", "seconds"}``."""
     t0 = time.time()
@@ -433,10 +470,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
     runner = StepRunner(paths, cfg.progress)
     last = STEP_ORDER.index(cfg.until) if cfg.until else len(STEP_ORDER) - 1
     steps = [s for s in demo_steps(cfg, paths, device) if STEP_ORDER.index(s.stage) <= last]
+    jobs = train_jobs(cfg, device)
     with tqdm(total=len(steps), desc="demo", unit="step", disable=not cfg.progress, position=0) as bar:
-        for s in steps:
-            runner.run(s.name, s.settings, s.upstream, s.run)
-            bar.update(1)
+        for stage, group in itertools.groupby(steps, key=lambda s: s.stage):
+            run_steps(runner, list(group), jobs if stage == "train" else 1, bar)
     seconds = time.time() - t0
     entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "seconds": seconds,
              "config": asdict(cfg), "device": device, "machine": machine_description(device),

@@ -18,7 +18,7 @@ import torch
 
 from nnunetv2_ohem import envvars
 from nnunetv2_ohem.demo.methods import DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS, METHODS
-from nnunetv2_ohem.runtime import seed_everything
+from nnunetv2_ohem.runtime import apply_cpu_threads, seed_everything
 from nnunetv2_ohem.training.common import with_training_length
 
 #: nnU-Net redraws its 30 x 54 inch progress.png after every epoch (~0.7 s on a 2-core CPU, as long as the
@@ -53,6 +53,9 @@ def _demo_variant(base, name: str):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         fixed_init(self, plans, configuration, fold, dataset_json, device)
+        threads = apply_cpu_threads(device)
+        if threads is not None:
+            self.print_to_log_file(f"Demo trainer: {threads} torch thread(s) ({envvars.CPU_THREADS})")
         self.num_epochs = envvars.get_int(ENV_EPOCHS, self.num_epochs, positive=True)
         self.num_iterations_per_epoch = envvars.get_int(ENV_ITERATIONS, self.num_iterations_per_epoch,
                                                         positive=True)
