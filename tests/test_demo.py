@@ -168,10 +168,22 @@ def test_output_folder_guard_and_fresh(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"methods": ("nnUNetTrainerFoo",)}, "unknown method"),
-                                             ({"epochs": 0}, "epochs"), ({"until": "nowhere"}, "until")])
+                                             ({"epochs": 0}, "epochs"), ({"until": "nowhere"}, "until"),
+                                             ({"lesion_contrast": (2.8, 2.2)}, "lesion_contrast"),
+                                             ({"lesion_volume": (0, 10)}, "lesion_volume")])
 def test_bad_demo_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DemoConfig(**kwargs)
+
+
+def test_lesion_settings_reach_the_phantom_generator():
+    from nnunetv2_ohem.demo.pipeline import _phantom_config
+    cfg = DemoConfig(lesion_volume=(50.0, 500.0), new_lesions=(2, 3), lesion_contrast=(1.7, 1.9))
+    ph = _phantom_config(cfg)
+    assert (ph.lesion_volume_mm3, ph.n_new_lesions, ph.lesion_contrast) == ((50.0, 500.0), (2, 3), (1.7, 1.9))
+    assert ph.large_lesion_volume_mm3 == (500.0, 3000.0)  # the generator's 6x rule for the few large ones
+    # an explicit phantom option still wins over the demo's own setting
+    assert _phantom_config(DemoConfig(phantom_options={"lesion_contrast": (3.0, 3.5)})).lesion_contrast == (3.0, 3.5)
 
 
 def test_single_split_keeps_last_cases_for_validation(tmp_path):

@@ -30,6 +30,9 @@ def add_data_options(p: argparse.ArgumentParser, d) -> None:
                    help="new-lesion volumes in mm³ (a few lesions up to 6*HI); 1 50 is MSSEG-II-like and much harder")
     p.add_argument("--new_lesions", type=int, nargs=2, default=list(d.new_lesions), metavar=("LO", "HI"),
                    help="new lesions per lesion-bearing phantom")
+    p.add_argument("--lesion_contrast", type=float, nargs=2, default=list(d.lesion_contrast), metavar=("LO", "HI"),
+                   help="new-lesion FLAIR intensity as a multiple of white matter; 1.6 2.1 is the generator's "
+                        "fainter default")
     p.add_argument("-d", "--dataset_id", type=int, default=d.dataset_id, help="nnU-Net dataset id of the phantoms")
     p.add_argument("--features", type=int, nargs="+", default=list(d.features), help="U-Net features per stage")
     p.add_argument("--patch", type=int, default=d.patch, help="patch edge (voxels)")
@@ -42,6 +45,7 @@ def data_settings(args: argparse.Namespace) -> dict:
     """The :func:`add_data_options` values as DemoConfig / StudyConfig keyword arguments."""
     return {"n_train": args.cases, "n_test": args.test_cases, "voxel_size": args.voxel_size,
             "lesion_volume": tuple(args.lesion_volume), "new_lesions": tuple(args.new_lesions),
+            "lesion_contrast": tuple(args.lesion_contrast),
             "dataset_id": args.dataset_id, "features": tuple(args.features), "patch": args.patch,
             "batch": args.batch, "device": args.device}
 

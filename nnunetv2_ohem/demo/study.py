@@ -73,6 +73,7 @@ class StudyConfig:
     voxel_size: float = DemoConfig.voxel_size
     lesion_volume: Tuple[float, float] = DemoConfig.lesion_volume
     new_lesions: Tuple[int, int] = DemoConfig.new_lesions
+    lesion_contrast: Tuple[float, float] = DemoConfig.lesion_contrast
     phantom_seed: int = DemoConfig.seed
     dataset_id: int = DemoConfig.dataset_id
     features: Tuple[int, ...] = DemoConfig.features
@@ -115,7 +116,7 @@ class StudyConfig:
     def demo_config(self) -> DemoConfig:
         return DemoConfig(out=os.path.join(self.out, "data"), n_train=self.n_train, n_test=self.n_test,
                           voxel_size=self.voxel_size, lesion_volume=self.lesion_volume,
-                          new_lesions=self.new_lesions, seed=self.phantom_seed,
+                          new_lesions=self.new_lesions, lesion_contrast=self.lesion_contrast, seed=self.phantom_seed,
                           dataset_id=self.dataset_id, methods=(self.reference,), epochs=self.epochs,
                           iterations=self.iterations, val_iterations=self.val_iterations, features=self.features,
                           patch=self.patch, batch=self.batch, device=self.device, until="plan",
@@ -216,7 +217,9 @@ def summary_markdown(cfg: StudyConfig, results: pd.DataFrame, seconds: float, de
         f"`nnUNet_preprocessed={os.path.join(os.path.abspath(cfg.demo_config().out), 'nnUNet_preprocessed')}`):",
         "", "```", compare_cmd, "```", "",
         f"Data: {cfg.n_train} training + {cfg.n_test} held-out phantoms (phantom seed {cfg.phantom_seed}, "
-        f"{cfg.voxel_size:g} mm voxels, new lesions {cfg.lesion_volume[0]:g}-{cfg.lesion_volume[1]:g} mm³), one "
+        f"{cfg.voxel_size:g} mm voxels, {cfg.new_lesions[0]}-{cfg.new_lesions[1]} new lesions per "
+        f"lesion-bearing case of {cfg.lesion_volume[0]:g}-{cfg.lesion_volume[1]:g} mm³ at "
+        f"{cfg.lesion_contrast[0]:g}-{cfg.lesion_contrast[1]:g}× white-matter intensity), one "
         f"dataset for all runs; seeds {list(cfg.seeds)} are TRAINING seeds (network initialisation, patch "
         f"sampling, augmentation). U-Net {list(cfg.features)}, patch {cfg.patch}³, batch {cfg.batch}; "
         f"{cfg.epochs} epochs × {cfg.iterations} iterations at equal iterations. Each method trains as its "
