@@ -48,7 +48,7 @@ if [ "$DRY" = 1 ]; then
     DEVICE_NAME="cpu dry run ($(nproc) cores)"
     [ -n "$RESULTS" ] || RESULTS="$WORK/RESULTS_dry_run.md"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}"
-    REALISTIC=(--case_shape 40 48 40 --real_cases 2 --plans_names nnUNetPlans --loader_steps 3 --loader_warmup 1 --repeats 1 --scoring exact ds2
+    REALISTIC=(--case_shape 40 48 40 --real_cases 2 --plans_names nnUNetPlans --loader_steps 12 --loader_warmup 1 --repeats 1 --scoring exact ds2
                --score_repeats 1 --full_steps 1 --full_warmup 0)
     TINY=(--steps 1 --warmup 0 --recall_steps 2 --options exact ds2 --shape 34 --cases 2)
     PRECISION=(--device cpu --patch 8 --features 4 8 --steps 1 --warmup 0 --norms instance
