@@ -65,6 +65,18 @@ def test_debug_variants_keep_the_settings_and_their_length(tiny_dataset):
     assert _construct(tiny_dataset, deeplab.nnUNetTrainerDeepLabV2_Debug).enable_deep_supervision is False
 
 
+@pytest.mark.parametrize("cls", [ohem.nnUNetTrainerOHEMEMA_Debug, blob.nnUNetTrainerBlobLoss_Debug],
+                         ids=lambda c: c.__name__)
+def test_debug_variants_validate_without_mirroring_but_train_with_it(tiny_dataset, cls):
+    base = cls.__mro__[1]
+    tr, ref = _construct(tiny_dataset, cls), _construct(tiny_dataset, base)
+    assert (tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch) == (2, 5, 2)
+    got, want = (t.configure_rotation_dummyDA_mirroring_and_inital_patch_size() for t in (tr, ref))
+    assert tuple(got[3]) == tuple(want[3]) == (0, 1, 2)  # training augmentation still mirrors
+    assert tr.inference_allowed_mirroring_axes is None and tuple(ref.inference_allowed_mirroring_axes) == (0, 1, 2)
+    assert cls.__module__ == base.__module__ and cls.__name__ == base.__name__ + "_Debug"
+
+
 def test_decorator_runs_own_init_first_and_cooperates_with_mixins(tiny_dataset):
     calls = []
 

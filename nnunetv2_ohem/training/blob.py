@@ -24,7 +24,7 @@ from torch import nn
 
 from nnunetv2_ohem import envvars
 from nnunetv2_ohem.losses.blob import BlobLoss, split_packed_target
-from nnunetv2_ohem.training.common import trainer_settings, with_training_length
+from nnunetv2_ohem.training.common import debug_variant, trainer_settings
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.transforms.instances import InstanceMapTransform
 
@@ -173,6 +173,5 @@ class nnUNetTrainerBlobLoss_VALDO(nnUNetTrainerBlobLoss):
         return optimizer, _ConstantLR(optimizer)
 
 
-nnUNetTrainerBlobLoss_Debug = with_training_length(nnUNetTrainerBlobLoss, "nnUNetTrainerBlobLoss_Debug", 2, 5, 2)
-nnUNetTrainerBlobLoss_VALDO_Debug = with_training_length(nnUNetTrainerBlobLoss_VALDO,
-                                                         "nnUNetTrainerBlobLoss_VALDO_Debug", 2, 5, 2)
+nnUNetTrainerBlobLoss_Debug = debug_variant(nnUNetTrainerBlobLoss)
+nnUNetTrainerBlobLoss_VALDO_Debug = debug_variant(nnUNetTrainerBlobLoss_VALDO)

@@ -1,6 +1,6 @@
 """Helpers shared by our trainer modules."""
 import sys
-from typing import Type, TypeVar
+from typing import Optional, Type, TypeVar
 
 import torch
 
@@ -10,11 +10,14 @@ T = TypeVar("T", bound=nnUNetTrainer)
 
 
 def with_training_length(base: Type[T], name: str, num_epochs: int, num_iterations_per_epoch: int,
-                         num_val_iterations_per_epoch: int) -> Type[T]:
+                         num_val_iterations_per_epoch: int, validation_tta: bool = True,
+                         module: Optional[str] = None) -> Type[T]:
     """Return a subclass of ``base`` named ``name`` that trains for a fixed, short schedule.
 
     nnU-Net style ``_Xepochs`` variants, generated instead of written out per trainer. The class must be
-    bound to a module-level name equal to ``name`` so nnU-Net's by-name lookup finds it.
+    bound to a module-level name equal to ``name`` in ``module`` (default: the caller's) so nnU-Net's by-name
+    lookup finds it. ``validation_tta=False``: nnU-Net's final validation (and a stock prediction from the
+    checkpoint) without mirroring test-time augmentation; training augmentation is unchanged.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -24,13 +27,34 @@ def with_training_length(base: Type[T], name: str, num_epochs: int, num_iteratio
         self.num_iterations_per_epoch = num_iterations_per_epoch
         self.num_val_iterations_per_epoch = num_val_iterations_per_epoch
 
-    return type(name, (base,), {
+    attrs = {
         "__init__": __init__,
         "__doc__": f"{base.__name__} for {num_epochs} epochs x {num_iterations_per_epoch} iterations "
-                   f"({num_val_iterations_per_epoch} validation iterations): smoke runs and tests.",
+                   f"({num_val_iterations_per_epoch} validation iterations"
+                   f"{'' if validation_tta else ', validation without mirroring'}): smoke runs and tests.",
         # like namedtuple: the defining module is the caller's, so pickling and repr point to it
-        "__module__": sys._getframe(1).f_globals.get("__name__", base.__module__),
-    })
+        "__module__": module or sys._getframe(1).f_globals.get("__name__", base.__module__),
+    }
+    if not validation_tta:
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+            settings = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+            self.inference_allowed_mirroring_axes = None  # nnU-Net keeps this for validation and the checkpoint
+            return settings
+        attrs["configure_rotation_dummyDA_mirroring_and_inital_patch_size"] = \
+            configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    return type(name, (base,), attrs)
+
+
+#: the ``_Debug`` schedule: 2 epochs x 5 iterations, 2 validation iterations
+DEBUG_LENGTH = (2, 5, 2)
+
+
+def debug_variant(base: Type[T], name: Optional[str] = None, module: Optional[str] = None) -> Type[T]:
+    """``<base>_Debug``: :data:`DEBUG_LENGTH` and a final validation without mirroring TTA (on a CPU the
+    2-8 mirrored passes per tile cost several times the two epochs; the tests check that validation runs and
+    what it writes, not TTA). Bind it to a module-level name equal to its name."""
+    return with_training_length(base, name or base.__name__ + "_Debug", *DEBUG_LENGTH, validation_tta=False,
+                                module=module or sys._getframe(1).f_globals.get("__name__", base.__module__))
 
 
 def trainer_settings(**settings):

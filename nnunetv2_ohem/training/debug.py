@@ -3,9 +3,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.sampling.nnUNetTrainer_probabilisticOversampling import \
     nnUNetTrainer_probabilisticOversampling
 
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import debug_variant
 
-nnUNetTrainer_Debug = with_training_length(nnUNetTrainer, "nnUNetTrainer_Debug", 2, 5, 2)
+nnUNetTrainer_Debug = debug_variant(nnUNetTrainer)
 #: the paper's "uniform p" baseline
-nnUNetTrainer_probabilisticOversampling_Debug = with_training_length(
-    nnUNetTrainer_probabilisticOversampling, "nnUNetTrainer_probabilisticOversampling_Debug", 2, 5, 2)
+nnUNetTrainer_probabilisticOversampling_Debug = debug_variant(nnUNetTrainer_probabilisticOversampling)

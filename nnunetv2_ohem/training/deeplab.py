@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_ohem.networks.deeplab import DeepLab
-from nnunetv2_ohem.training.common import trainer_settings, with_training_length
+from nnunetv2_ohem.training.common import debug_variant, trainer_settings
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
@@ -136,8 +136,7 @@ class nnUNetTrainerDeepLabV3_SlidesSchedule(nnUNetTrainerDeepLabV3):
         return optimizer, ConstantThenPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, constant)
 
 
-nnUNetTrainerDeepLabV3_Debug = with_training_length(nnUNetTrainerDeepLabV3, "nnUNetTrainerDeepLabV3_Debug", 2, 5, 2)
-nnUNetTrainerDeepLabV3_OS8_Debug = with_training_length(nnUNetTrainerDeepLabV3_OS8, "nnUNetTrainerDeepLabV3_OS8_Debug", 2, 5, 2)
-nnUNetTrainerDeepLabV2_Debug = with_training_length(nnUNetTrainerDeepLabV2, "nnUNetTrainerDeepLabV2_Debug", 2, 5, 2)
-nnUNetTrainerDeepLabV3_SlidesSchedule_Debug = with_training_length(
-    nnUNetTrainerDeepLabV3_SlidesSchedule, "nnUNetTrainerDeepLabV3_SlidesSchedule_Debug", 2, 5, 2)
+nnUNetTrainerDeepLabV3_Debug = debug_variant(nnUNetTrainerDeepLabV3)
+nnUNetTrainerDeepLabV3_OS8_Debug = debug_variant(nnUNetTrainerDeepLabV3_OS8)
+nnUNetTrainerDeepLabV2_Debug = debug_variant(nnUNetTrainerDeepLabV2)
+nnUNetTrainerDeepLabV3_SlidesSchedule_Debug = debug_variant(nnUNetTrainerDeepLabV3_SlidesSchedule)

@@ -28,7 +28,7 @@ from nnunetv2_ohem.mining.ema import PairedTensors, ema_momentum_at, ema_update_
     unwrap_model
 from nnunetv2_ohem.training import precision
 from nnunetv2_ohem.training.blob import nnUNetTrainerBlobLoss
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import debug_variant
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 
 #: checkpoint entry holding the EMA state (weights, momentum, number of updates, online weights if exported)
@@ -217,7 +217,6 @@ class nnUNetTrainerBF16EMA(EMAMixin, precision.nnUNetTrainerBF16):
     """bf16 autocast training (fp32 master weights, so the average is kept in fp32) with EMA weights."""
 
 
-nnUNetTrainerEMA_Debug = with_training_length(nnUNetTrainerEMA, "nnUNetTrainerEMA_Debug", 2, 5, 2)
-nnUNetTrainerBlobLossEMA_Debug = with_training_length(nnUNetTrainerBlobLossEMA, "nnUNetTrainerBlobLossEMA_Debug",
-                                                      2, 5, 2)
-nnUNetTrainerBF16EMA_Debug = with_training_length(nnUNetTrainerBF16EMA, "nnUNetTrainerBF16EMA_Debug", 2, 5, 2)
+nnUNetTrainerEMA_Debug = debug_variant(nnUNetTrainerEMA)
+nnUNetTrainerBlobLossEMA_Debug = debug_variant(nnUNetTrainerBlobLossEMA)
+nnUNetTrainerBF16EMA_Debug = debug_variant(nnUNetTrainerBF16EMA)

@@ -44,7 +44,7 @@ from nnunetv2_ohem.mining.scoring import (crop_outputs, downsample_images, pad_t
                                           total_stride)
 from nnunetv2_ohem.mining.selection import hard_count, select_hard_and_random, select_top_b, selection_recall
 from nnunetv2_ohem.networks.paper_unet import PAPER_UNET_CLASS, PaperUNet
-from nnunetv2_ohem.training.common import trainer_settings, with_training_length
+from nnunetv2_ohem.training.common import debug_variant, trainer_settings
 from nnunetv2_ohem.training.ema import EMAMixin
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.ohem_crops import CandidateCropLoader, WinnerAugmenter
@@ -674,17 +674,11 @@ class nnUNetTrainerOHEMEMA_Paper(nnUNetTrainerOHEMEMA):
                                            do_bg=regions, smooth=1e-5, ddp=self.is_ddp)
 
 
-nnUNetTrainerOHEMEMA_Debug = with_training_length(nnUNetTrainerOHEMEMA, "nnUNetTrainerOHEMEMA_Debug", 2, 5, 2)
-nnUNetTrainerOHEM_Debug = with_training_length(nnUNetTrainerOHEM, "nnUNetTrainerOHEM_Debug", 2, 5, 2)
-nnUNetTrainerOHEMEMA_CE_Debug = with_training_length(nnUNetTrainerOHEMEMA_CE, "nnUNetTrainerOHEMEMA_CE_Debug",
-                                                     2, 5, 2)
-nnUNetTrainerOHEMEMA_DiceMining_Debug = with_training_length(
-    nnUNetTrainerOHEMEMA_DiceMining, "nnUNetTrainerOHEMEMA_DiceMining_Debug", 2, 5, 2)
-nnUNetTrainerOHEMEMA_ExportEMA_Debug = with_training_length(
-    nnUNetTrainerOHEMEMA_ExportEMA, "nnUNetTrainerOHEMEMA_ExportEMA_Debug", 2, 5, 2)
-nnUNetTrainerOHEMEMA_Classic_Debug = with_training_length(nnUNetTrainerOHEMEMA_Classic,
-                                                          "nnUNetTrainerOHEMEMA_Classic_Debug", 2, 5, 2)
-nnUNetTrainerOHEMEMA_NoSchedule_Debug = with_training_length(nnUNetTrainerOHEMEMA_NoSchedule,
-                                                             "nnUNetTrainerOHEMEMA_NoSchedule_Debug", 2, 5, 2)
-nnUNetTrainerOHEMEMA_Paper_Debug = with_training_length(nnUNetTrainerOHEMEMA_Paper,
-                                                        "nnUNetTrainerOHEMEMA_Paper_Debug", 2, 5, 2)
+nnUNetTrainerOHEMEMA_Debug = debug_variant(nnUNetTrainerOHEMEMA)
+nnUNetTrainerOHEM_Debug = debug_variant(nnUNetTrainerOHEM)
+nnUNetTrainerOHEMEMA_CE_Debug = debug_variant(nnUNetTrainerOHEMEMA_CE)
+nnUNetTrainerOHEMEMA_DiceMining_Debug = debug_variant(nnUNetTrainerOHEMEMA_DiceMining)
+nnUNetTrainerOHEMEMA_ExportEMA_Debug = debug_variant(nnUNetTrainerOHEMEMA_ExportEMA)
+nnUNetTrainerOHEMEMA_Classic_Debug = debug_variant(nnUNetTrainerOHEMEMA_Classic)
+nnUNetTrainerOHEMEMA_NoSchedule_Debug = debug_variant(nnUNetTrainerOHEMEMA_NoSchedule)
+nnUNetTrainerOHEMEMA_Paper_Debug = debug_variant(nnUNetTrainerOHEMEMA_Paper)

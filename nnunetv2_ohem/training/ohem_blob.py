@@ -20,7 +20,7 @@ import torch
 
 from nnunetv2_ohem.mining.errors import blob_ranking_error
 from nnunetv2_ohem.training.blob import check_finite_batch, nnUNetTrainerBlobLoss
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import debug_variant
 from nnunetv2_ohem.training.ohem import nnUNetTrainerOHEMEMA
 
 
@@ -72,5 +72,4 @@ class nnUNetTrainerOHEMEMA_BlobLoss(nnUNetTrainerOHEMEMA, nnUNetTrainerBlobLoss)
         return super().train_step(batch)
 
 
-nnUNetTrainerOHEMEMA_BlobLoss_Debug = with_training_length(nnUNetTrainerOHEMEMA_BlobLoss,
-                                                           "nnUNetTrainerOHEMEMA_BlobLoss_Debug", 2, 5, 2)
+nnUNetTrainerOHEMEMA_BlobLoss_Debug = debug_variant(nnUNetTrainerOHEMEMA_BlobLoss)

@@ -33,7 +33,7 @@ from nnunetv2_ohem import envvars
 from nnunetv2_ohem.losses.region_dice import RegionDiceLoss, deep_supervision_weights
 from nnunetv2_ohem.networks.norms import GROUPNORM_DOTTED_NAME
 from nnunetv2_ohem.preprocessing.btrseg import attach_extension_preprocessor
-from nnunetv2_ohem.training.common import with_training_length
+from nnunetv2_ohem.training.common import debug_variant
 from nnunetv2_ohem.training.lesion_validation import LesionValidationMixin
 from nnunetv2_ohem.training.schedules import EpochFunctionLRScheduler
 
@@ -300,7 +300,6 @@ _MODULE = sys.modules[__name__]
 _PRECISION_TAGS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16"}
 _NORM_TAGS = {"IN": "instance", "BN": "batch", "GN": "group"}
 _OPT_TAGS = {"Adam": "adam", "RAdam": "radam"}
-DEBUG_LENGTH = (2, 5, 2)  # epochs, iterations, validation iterations
 
 
 def _define(name: str, base: type, **attrs) -> type:
@@ -308,7 +307,7 @@ def _define(name: str, base: type, **attrs) -> type:
     cls = type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs,
                                "__doc__": f"{base.__name__} with " + ", ".join(f"{k}={v!r}" for k, v in attrs.items())})
     setattr(_MODULE, name, cls)
-    dbg = with_training_length(cls, name + "_Debug", *DEBUG_LENGTH)
+    dbg = debug_variant(cls, module=__name__)
     dbg.__qualname__ = dbg.__name__
     setattr(_MODULE, name + "_Debug", dbg)
     return cls
