@@ -235,7 +235,7 @@ class HeldOutPredictor:
 
     def predict(self, model_dir: str, images: str, out_dir: str, log_path: str, fold: int = 0,
                 checkpoint: str = "checkpoint_final.pth", command: Optional[str] = None,
-                trainer_class: Optional[type] = None) -> None:
+                trainer_class: Optional[type] = None, progress: Optional[str] = None, position: int = 1) -> None:
         """Predict every case of ``images`` into ``out_dir`` (replaced) with fold ``fold`` of ``model_dir``;
         nnU-Net's messages go to ``log_path``, headed by ``command`` (the equivalent command line) or the
         API call. ``trainer_class``: the checkpoint's trainer, already found; without it nnU-Net looks it up
@@ -260,8 +260,28 @@ class HeldOutPredictor:
                                                                      checkpoint_name=checkpoint)
             else:
                 _initialize_with_trainer(self._predictor, model_dir, fold, checkpoint, trainer_class)
-            self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
-                                                          overwrite=True)
+            if progress is None:
+                self._predictor.predict_from_files_sequential(images, out_dir, save_probabilities=False,
+                                                              overwrite=True)
+                return
+            from tqdm import tqdm  # one case at a time, so that a bar can show the remaining time
+            cases = cases_of(images, self._predictor.dataset_json["file_ending"])
+            for case, files in tqdm(cases.items(), desc=progress, unit="case", leave=False, position=position):
+                self._predictor.predict_from_files_sequential([files], [os.path.join(out_dir, case)],
+                                                              save_probabilities=False, overwrite=True)
+
+
+def cases_of(folder: str, file_ending: str) -> Dict[str, List[str]]:
+    """nnU-Net's raw image folder as ``{case: [its channel files, in channel order]}`` (``<case>_XXXX<ending>``),
+    sorted by case; without the worker pool of nnU-Net's ``create_lists_from_splitted_dataset_folder``."""
+    import re
+    pattern = re.compile(r"^(.+)_\d{4}" + re.escape(file_ending) + "$")
+    cases: Dict[str, List[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = pattern.match(name)
+        if m:
+            cases.setdefault(m.group(1), []).append(os.path.join(folder, name))
+    return dict(sorted(cases.items()))
 
 
 def _initialize_with_trainer(predictor, model_dir: str, fold: int, checkpoint: str, trainer_class: type) -> None:

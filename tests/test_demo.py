@@ -250,6 +250,20 @@ def test_demo_end_to_end_reuse_and_fresh(cli, tmp_path):
     for src in images:
         _png_ok(out / "report" / src)
 
+    # the per-case path behind the progress bar writes the same segmentations as nnU-Net's folder call
+    import SimpleITK as sitk
+    from nnunetv2_ohem.runtime import HeldOutPredictor
+    cfg943 = DemoConfig(dataset_id=943)
+    again = tmp_path / "again"
+    HeldOutPredictor("cpu").predict(os.path.dirname(paths.training_output(cfg943, methods[0])),
+                                    str(out / "nnUNet_raw" / cfg943.dataset_name / "imagesTs"), str(again),
+                                    str(tmp_path / "again.log"), progress="predict again")
+    demo_pred = out / "predictions" / methods[0]
+    segs = sorted(p.name for p in demo_pred.glob("*.nii.gz"))
+    assert segs and segs == sorted(p.name for p in again.glob("*.nii.gz"))
+    for name in segs:
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(demo_pred / name))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(again / name)))), name
     # one fixed thread count per training on a CPU (nnU-Net's -device cpu would take every core)
     assert "Demo trainer: 1 torch thread(s)" in (out / "logs" / f"train_{methods[0]}.log").read_text()
     ckpt = os.path.join(paths.training_output(DemoConfig(dataset_id=943), methods[0]), "checkpoint_final.pth")

@@ -148,3 +148,17 @@ def test_run_steps_lets_the_others_finish_then_raises_the_failure(tmp_path):
     assert set(spans) == {"a", "b"}
     assert os.path.exists(os.path.join(paths.steps, "train__b.json"))
     assert not os.path.exists(os.path.join(paths.steps, "train__a.json"))
+
+
+def test_cases_of_groups_channel_files_like_nnunet(tmp_path):
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+    names = ["b_0001.nii.gz", "b_0000.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz", "case_1_0000.nii.gz",
+             "dataset.json", "c_000.nii.gz"]
+    for n in names:
+        (tmp_path / n).write_text("")
+    cases = runtime.cases_of(str(tmp_path), ".nii.gz")
+    assert list(cases) == ["a", "b", "case_1"]
+    assert [os.path.basename(f) for f in cases["b"]] == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    # nnU-Net crops any *.nii.gz by 12 characters: "c_000.nii.gz" (no 4-digit channel) becomes ""
+    nnunet = set(get_identifiers_from_splitted_dataset_folder(str(tmp_path), ".nii.gz")) - {""}
+    assert set(cases) == nnunet

@@ -409,7 +409,8 @@ def demo_steps(cfg: DemoConfig, paths: Paths, device: str) -> List[Step]:
 
     def predict(method):
         predictor.predict(os.path.dirname(paths.training_output(cfg, method)), paths.test_images,
-                          os.path.join(paths.predictions, method), os.path.join(paths.logs, f"predict_{method}.log"))
+                          os.path.join(paths.predictions, method), os.path.join(paths.logs, f"predict_{method}.log"),
+                          progress=f"predict {method}" if cfg.progress else None)
 
     def report():
         from nnunetv2_ohem.demo.report import build_report
