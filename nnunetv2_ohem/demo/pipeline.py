@@ -54,9 +54,9 @@ class DemoConfig:
     #: more lesions per held-out case make its lesion F1 less noisy (docs/demo.md, sweep)
     new_lesions: Tuple[int, int] = (6, 12)
     #: new-lesion FLAIR intensity as a multiple of white matter (the generator's default: 1.6-2.1). With the
-    #: generator's fainter, smaller lesions plain nnU-Net's lesion probabilities sank below 0.5 for good in 2 of
-    #: 5 training seeds at this budget (nothing predicted, even on training cases); with these every seed
-    #: tried learned from epoch 2 and stayed there (docs/demo.md)
+    #: generator's fainter, smaller lesions plain nnU-Net ended with empty predictions in 2 of 8 runs at this
+    #: budget (lesion probabilities below 0.5 everywhere, even on training cases); with these every seed tried
+    #: learned in its second epoch and kept it (docs/demo.md, second sweep)
     lesion_contrast: Tuple[float, float] = (2.2, 2.8)
     #: phantom seed: same seed -> byte-identical phantoms
     seed: int = 0
