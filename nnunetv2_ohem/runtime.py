@@ -113,8 +113,8 @@ def apply_cpu_threads(device) -> Optional[int]:
 
     nnU-Net's ``nnUNetv2_train -device cpu`` sets ``torch.set_num_threads(cpu_count())`` before it builds the
     trainer, which overrides ``OMP_NUM_THREADS``, so trainings started side by side would each use every core
-    and fight for them. Called from a trainer's ``__init__``, after that. A fixed count also fixes the float
-    reductions, so a seeded run gives the same result on machines with different core counts."""
+    and fight for them. Called from a trainer's ``__init__``, after that. A fixed count also takes the core
+    count out of what a seeded run's float reductions depend on (the CPU type still matters)."""
     from nnunetv2_ohem import envvars
     threads = envvars.get_int(envvars.CPU_THREADS, positive=True)
     if threads is None or str(device).split(":")[0] != "cpu":
@@ -206,7 +206,8 @@ def paired_tile_predictor_class():
 
     nnU-Net predicts one tile at a time. On CPUs, PyTorch's oneDNN 3-d convolutions are pathologically slow
     for a batch of one: a U-Net 8/16/32 takes 67 ms for one 32³ tile but 21 ms for a batch of two (idle 2-core
-    x86_64; 170-470 ms vs 19-28 ms on the same machine under load; ``benchmarks/predict_tiles.py``). Instance normalisation works per sample, so the first
+    x86_64; 170-470 ms vs 19-28 ms on the same machine under load; ``benchmarks/predict_tiles.py``). Instance
+    normalisation works per sample, so the first
     copy's logits equal the single tile's (up to float rounding)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -284,7 +284,7 @@ def make_spec(cfg: CompareConfig, ds: Dataset, budget: str, trainer: str, fold: 
     env["nnUNet_extTrainer"] = os.pathsep.join(ext + ([wrap.EXT_FOLDER] if wrap.EXT_FOLDER not in ext else []))
     if cfg.jobs > 1 and cfg.device == "cpu":  # parallel runs share the cores instead of fighting for them
         threads = str(max(1, usable_cores() // cfg.jobs))
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", threads))
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", threads)
         # nnU-Net's -device cpu ignores OMP_NUM_THREADS for torch; the _Compare wrapper applies this instead
         envvars.set_value(envvars.CPU_THREADS, envvars.get_str(envvars.CPU_THREADS, threads), env)
     return {"train": train, "eval": evaluation, "env": env, "dataset_id": ds.dataset_id,
@@ -446,8 +446,8 @@ def predict_test(spec: Dict, model_dir: str, pred_dir: str) -> None:
     import torch
 
     from nnunetv2_ohem.runtime import HeldOutPredictor
-    threads = spec["env"].get("OMP_NUM_THREADS")
-    if threads:  # parallel runs share the cores (as their subprocesses do); torch's setting is per thread
+    threads = envvars.get_int(envvars.CPU_THREADS, environ=spec["env"])
+    if threads:  # parallel runs share the cores (as their trainings do); torch's setting is per thread
         torch.set_num_threads(int(threads))
     # the stock command that gives the same predictions, with the two folders it needs to find the model
     env = " ".join(f"{k}={shlex.quote(spec['env'][k])}" for k in ("nnUNet_results", "nnUNet_extTrainer"))
