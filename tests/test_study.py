@@ -164,14 +164,48 @@ def test_timing_file_counts_computed_runs_and_keeps_the_run_date(tmp_path, monke
     timing_path = os.path.join(cfg.out, "timing.json")
     with open(timing_path) as f:
         timing = json.load(f)
-    assert timing["runs_computed"] == 6
-    # a later rerun that only reuses the finished runs (e.g. to add notes) keeps the date the runs were made
+    assert [(i["runs_computed"], i["finished"]) for i in timing["invocations"]] == [(6, True)]
+    # a later rerun that only reuses the finished runs (e.g. to add notes) keeps the date the runs were made;
+    # the single record that earlier versions wrote is read too
     with open(timing_path, "w") as f:
-        json.dump(dict(timing, date="2001-02-03", seconds=3600.0), f)
+        json.dump({"seconds": 3600.0, "runs_computed": 6, "date": "2001-02-03"}, f)
     study.run_study(cfg)
     assert seen["calls"] == 2
     md = open(os.path.join(cfg.docs, "summary.md")).read()
-    assert "Date 2001-02-03 ·" in md and "wall time 60.0 min" in md
+    assert "Date 2001-02-03 ·" in md and "wall time 60.0 min ·" in md
+
+
+def test_an_interrupted_invocation_counts_towards_the_wall_time(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from nnunetv2_ohem.compare import engine
+    cfg, _, seen = _fake_study(tmp_path, monkeypatch, ("nnUNetTrainer", "nnUNetTrainerOHEMEMA"))
+    timing_path = os.path.join(cfg.out, "timing.json")
+    first = study.study_time(timing_path)[0]
+    fake = engine.run_compare
+
+    def interrupted(ccfg):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "run_compare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(cfg)
+    with open(timing_path) as f:
+        invocations = json.load(f)["invocations"]
+    assert [i["finished"] for i in invocations] == [True, False] and invocations[1]["seconds"] >= 0.2
+    assert invocations[0]["runs_computed"] == 6 and invocations[1]["runs_computed"] is None
+    # the resumed invocation reuses every run: the summary reports both invocations' time
+    monkeypatch.setattr(engine, "run_compare", fake)
+    study.run_study(cfg)
+    seconds, _, n = study.study_time(timing_path)
+    assert n == 2 and seconds == pytest.approx(first + invocations[1]["seconds"])
+    md = open(os.path.join(cfg.docs, "summary.md")).read()
+    assert f"wall time {seconds / 60:.1f} min over 2 invocations" in md
+    # a bad setting that stops the study before its folder exists leaves nothing behind
+    monkeypatch.setattr(study, "run_demo", lambda c: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError):
+        study.run_study(replace(cfg, out=str(tmp_path / "never")))
+    assert not os.path.exists(tmp_path / "never")
 
 
 def test_config_and_cli_validation(capsys):

@@ -197,7 +197,7 @@ def _signed(mean: float, lo: float, hi: float, digits: int = 3) -> str:
 
 
 def summary_markdown(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str, date: str,
-                     equal_time_epochs: Dict[str, int], compare_cmd: str) -> str:
+                     equal_time_epochs: Dict[str, int], compare_cmd: str, invocations: int = 1) -> str:
     """The study's summary from its results table (pure: no files read)."""
     from nnunetv2_ohem.compare.stats import paired_differences, summarize_runs
     from nnunetv2_ohem.evaluation.run_metrics import LOWER_IS_BETTER
@@ -210,8 +210,9 @@ def summary_markdown(cfg: StudyConfig, results: pd.DataFrame, seconds: float, de
     diffs = paired_differences(by_method, cfg.reference, metrics)
     lines = [
         "# Study: OHEM-EMA vs plain training and oversampling on MSSEG-II-like phantoms", "",
-        f"Date {date} · machine: {machine_description(device)} · wall time {seconds / 60:.1f} min · "
-        f"device {device}", "",
+        f"Date {date} · machine: {machine_description(device)} · wall time {seconds / 60:.1f} min"
+        + (f" over {invocations} invocations (interrupted ones resumed, finished runs reused)" if invocations > 1
+           else "") + f" · device {device}", "",
         "Command:", "", "```", cfg.command or "(API call)", "```", "",
         "The runs are made by the compare engine; the same comparison as a compare command (with "
         f"`nnUNet_preprocessed={os.path.join(os.path.abspath(cfg.demo_config().out), 'nnUNet_preprocessed')}`):",
@@ -303,32 +304,58 @@ def _cpu_friendly_environment(device: str) -> None:
             os.environ.setdefault(key, value)
 
 
+def _invocations(timing_path: str) -> List[Dict]:
+    if not os.path.exists(timing_path):
+        return []
+    with open(timing_path) as f:
+        timing = json.load(f)
+    return timing.get("invocations", [timing])  # a single record: the format before invocations were kept
+
+
+def record_invocation(timing_path: str, seconds: float, runs_computed: Optional[int], finished: bool) -> None:
+    """Append one invocation of the study (its wall time, runs computed, whether it ran to the end) to
+    ``timing.json``."""
+    invocations = _invocations(timing_path) + [{"seconds": seconds, "runs_computed": runs_computed,
+                                                "finished": finished, "date": time.strftime("%Y-%m-%d")}]
+    os.makedirs(os.path.dirname(timing_path), exist_ok=True)
+    write_text_atomic(timing_path, json.dumps({"invocations": invocations}, indent=1))
+
+
+def study_time(timing_path: str) -> Tuple[float, str, int]:
+    """(summed wall seconds, date of the last invocation, number of invocations) from ``timing.json``."""
+    invocations = _invocations(timing_path)
+    return sum(float(i["seconds"]) for i in invocations), invocations[-1]["date"], len(invocations)
+
+
 def run_study(cfg: StudyConfig) -> Dict:
     """Run (or resume) the study and write ``results.csv``, ``summary.md`` and plots into ``cfg.docs``."""
     import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
 
     from nnunetv2_ohem.compare.engine import run_compare
     t0 = time.time()
-    demo_cfg = cfg.demo_config()
-    run_demo(demo_cfg)  # phantoms -> conversion -> plans (reused when finished); sets the nnUNet_* folders
-    paths = Paths(demo_cfg.out, demo_cfg)
-    device = resolve_device(cfg.device)
-    _cpu_friendly_environment(device)
-    ccfg = cfg.compare_config(paths, device)
-    result = run_compare(ccfg)
-    results = study_table(pd.DataFrame(result["results"]))
-    seconds = time.time() - t0
-    computed = result["counts"]["trained"] + result["counts"]["evaluated"]
-    # a rerun that only reuses finished runs (e.g. to add --notes) keeps the wall time of the run that computed
     timing_path = os.path.join(cfg.out, "timing.json")
-    date = time.strftime("%Y-%m-%d")
-    if computed > 0 or not os.path.exists(timing_path):
-        write_text_atomic(timing_path, json.dumps({"seconds": seconds, "runs_computed": computed, "date": date}))
-    else:
-        with open(timing_path) as f:
-            timing = json.load(f)
-        seconds, date = float(timing["seconds"]), timing.get("date", date)
-    write_docs(cfg, results, seconds, device, date, result.get("epochs_equal_time") or {}, compare_command(ccfg))
+    finished, computed = False, None
+    try:
+        demo_cfg = cfg.demo_config()
+        run_demo(demo_cfg)  # phantoms -> conversion -> plans (reused when finished); sets the nnUNet_* folders
+        paths = Paths(demo_cfg.out, demo_cfg)
+        device = resolve_device(cfg.device)
+        _cpu_friendly_environment(device)
+        ccfg = cfg.compare_config(paths, device)
+        result = run_compare(ccfg)
+        computed = result["counts"]["trained"] + result["counts"]["evaluated"]
+        finished = True
+    finally:
+        # every invocation that computed runs or was stopped counts, so a study resumed after an interruption
+        # reports the time all its runs took; a rerun that only reuses finished runs (e.g. to add --notes)
+        # keeps the recorded time and date
+        # (nothing is written when the study stopped before making its folder: bad input leaves nothing behind)
+        if (computed or not os.path.exists(timing_path)) if finished else os.path.isdir(cfg.out):
+            record_invocation(timing_path, time.time() - t0, computed, finished)
+    seconds, date, invocations = study_time(timing_path)
+    results = study_table(pd.DataFrame(result["results"]))
+    write_docs(cfg, results, seconds, device, date, result.get("epochs_equal_time") or {}, compare_command(ccfg),
+               invocations=invocations)
     return {"results": results, "seconds": seconds, "docs": os.path.abspath(cfg.docs), "counts": result["counts"]}
 
 
@@ -412,7 +439,7 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
 
 
 def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: str, date: str,
-               equal_time_epochs: Dict[str, int], compare_cmd: str) -> None:
+               equal_time_epochs: Dict[str, int], compare_cmd: str, invocations: int = 1) -> None:
     import pandas as pd  # lazily: nnunetv2_ohem_demo --study --help stays fast
 
     os.makedirs(cfg.docs, exist_ok=True)
@@ -422,7 +449,7 @@ def write_docs(cfg: StudyConfig, results: pd.DataFrame, seconds: float, device: 
     methods = [m for m in cfg.methods if m in set(written["method"])]
     plot_results(written, os.path.join(cfg.docs, "study.png"), methods)
     has_selection = plot_selection(cfg, os.path.join(cfg.docs, "selection.png"))
-    lines = [summary_markdown(cfg, written, seconds, device, date, equal_time_epochs, compare_cmd)]
+    lines = [summary_markdown(cfg, written, seconds, device, date, equal_time_epochs, compare_cmd, invocations)]
     if has_selection:
         lines += ["![patches selected by OHEM-EMA](selection.png)", ""]
     lines += ["Per-run rows (every msseg2 metric, epochs, times, the compare run folders): "
