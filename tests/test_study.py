@@ -250,6 +250,24 @@ def test_selection_plot_reads_ohem_diagnostics_of_the_compare_runs(tmp_path):
         json.dump({"ohem_fg_fraction_selected": [0.0, 0.5, 1.0], "ohem_fg_fraction_candidates": [0.3, 0.3, 0.3]}, f)
     assert study.plot_selection(cfg, str(tmp_path / "sel.png"))
     assert os.path.getsize(tmp_path / "sel.png") > 1000
+    # a run whose mining starts later has no value (None) in its first epochs
+    d0 = d.replace("seed_1", "seed_0")
+    os.makedirs(d0)
+    with open(os.path.join(d0, "ohem_diagnostics.json"), "w") as f:
+        json.dump({"ohem_fg_fraction_selected": [None, None, 0.5, 1.0],
+                   "ohem_fg_fraction_candidates": [None, None, 0.5, 0.2]}, f)
+    assert study.plot_selection(cfg, str(tmp_path / "sel2.png"))
+    assert os.path.getsize(tmp_path / "sel2.png") > 1000
+
+
+def test_mean_over_runs_ignores_epochs_without_mining():
+    nan = np.nan
+    runs = [np.array([nan, nan, 0.5, 0.2, 0.9]), np.array([0.3, nan, 0.1, 0.4])]
+    got = study.mean_over_runs(runs)
+    want = [0.3, nan, 0.3, 0.3]  # the common epochs; a NaN is left out of its epoch's mean
+    assert got.shape == (4,) and np.allclose(got, want, equal_nan=True)
+    r = np.random.RandomState(0).uniform(size=(3, 6))
+    assert np.allclose(study.mean_over_runs(list(r)), r.mean(axis=0))
 
 
 # ---------------------------------------------------------------------------------------- real, end to end

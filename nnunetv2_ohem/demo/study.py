@@ -398,6 +398,16 @@ def plot_results(results: pd.DataFrame, path: str, methods: Sequence[str]) -> No
     plt.close(fig)
 
 
+def mean_over_runs(curves: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-epoch mean of runs' curves over the epochs all runs have, ignoring NaN (an epoch without mining);
+    NaN where no run has a value."""
+    n = min(len(c) for c in curves)
+    stacked = np.array([np.asarray(c[:n], dtype=float) for c in curves]).reshape(len(curves), n)
+    counts = np.isfinite(stacked).sum(axis=0)
+    sums = np.where(np.isfinite(stacked), stacked, 0.0).sum(axis=0)
+    return np.divide(sums, counts, out=np.full(n, np.nan), where=counts > 0)
+
+
 def plot_selection(cfg: StudyConfig, path: str) -> bool:
     """Mining diagnostics of the equal-iteration OHEM runs: foreground share of the selected patches per epoch
     (one line per seed, one colour per ranking error) against that of all candidates. False when no OHEM run
@@ -417,13 +427,13 @@ def plot_selection(cfg: StudyConfig, path: str) -> bool:
             if not files:
                 continue
             d = diagnostics.read_diagnostics(os.path.dirname(files[0]))
-            ax.plot(d[diagnostics.FG_FRACTION_SELECTED], color=f"C{k}", alpha=0.75, lw=1.2,
+            # epochs before the mining schedule starts have no value (None): gaps in the lines
+            ax.plot(diagnostics.as_array(d, diagnostics.FG_FRACTION_SELECTED), color=f"C{k}", alpha=0.75, lw=1.2,
                     label=METHOD_LABELS.get(method, method) if not found or seed == cfg.seeds[0] else None)
-            candidates.append(d[diagnostics.FG_FRACTION_CANDIDATES])
+            candidates.append(diagnostics.as_array(d, diagnostics.FG_FRACTION_CANDIDATES))
             found = True
     if found:
-        n = min(len(c) for c in candidates)
-        ax.plot(np.mean([c[:n] for c in candidates], axis=0), "k--", lw=1.5, label="all candidates (mean)")
+        ax.plot(mean_over_runs(candidates), "k--", lw=1.5, label="all candidates (mean)")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
