@@ -70,22 +70,19 @@ def plot_ohem_diagnostics(diag: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def arr(key):
-        return np.array([np.nan if v is None else v for v in diag[key]], dtype=float)
-
     epochs = np.asarray(diag["epoch"])
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
-    ax1.plot(epochs, arr(ERROR_CANDIDATES), "b-", label="all candidates")
-    ax1.plot(epochs, arr(ERROR_SELECTED), "r-", label="selected (top-B)")
+    ax1.plot(epochs, as_array(diag, ERROR_CANDIDATES), "b-", label="all candidates")
+    ax1.plot(epochs, as_array(diag, ERROR_SELECTED), "r-", label="selected (top-B)")
     ax1.set_ylabel(f"ranking error ({diag.get('ranking_error', '')})")
     ax1.legend(loc="upper right")
-    ax2.plot(epochs, arr(FG_FRACTION_CANDIDATES), "b--", label="fg fraction, candidates")
-    ax2.plot(epochs, arr(FG_FRACTION_SELECTED), "r--", label="fg fraction, selected")
+    ax2.plot(epochs, as_array(diag, FG_FRACTION_CANDIDATES), "b--", label="fg fraction, candidates")
+    ax2.plot(epochs, as_array(diag, FG_FRACTION_SELECTED), "r--", label="fg fraction, selected")
     ax2.set_ylim(-0.05, 1.05)
     ax2.set_ylabel("fraction of patches with foreground")
     ax2.set_xlabel("epoch")
     ax3 = ax2.twinx()
-    ax3.plot(epochs, arr(MINER_ONLINE_DISAGREEMENT), "g-", label="miner-online disagreement")
+    ax3.plot(epochs, as_array(diag, MINER_ONLINE_DISAGREEMENT), "g-", label="miner-online disagreement")
     ax3.set_ylabel("mean |p_miner - p_online|")
     lines = ax2.get_legend_handles_labels(), ax3.get_legend_handles_labels()
     ax2.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right")

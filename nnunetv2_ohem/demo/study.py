@@ -401,11 +401,11 @@ def plot_results(results: pd.DataFrame, path: str, methods: Sequence[str]) -> No
 def mean_over_runs(curves: Sequence[np.ndarray]) -> np.ndarray:
     """Per-epoch mean of runs' curves over the epochs all runs have, ignoring NaN (an epoch without mining);
     NaN where no run has a value."""
+    import warnings
     n = min(len(c) for c in curves)
-    stacked = np.array([np.asarray(c[:n], dtype=float) for c in curves]).reshape(len(curves), n)
-    counts = np.isfinite(stacked).sum(axis=0)
-    sums = np.where(np.isfinite(stacked), stacked, 0.0).sum(axis=0)
-    return np.divide(sums, counts, out=np.full(n, np.nan), where=counts > 0)
+    with warnings.catch_warnings():  # an epoch no run mined in is NaN, which is what the plot should show
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean([np.asarray(c[:n], dtype=float) for c in curves], axis=0)
 
 
 def plot_selection(cfg: StudyConfig, path: str) -> bool:
